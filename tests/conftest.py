@@ -1,0 +1,48 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+REAL_OBJECTS = {
+    "bunny": ("/usr/share/glmark2/models/bunny.obj", "glmark2-data"),
+    "spider": ("/usr/share/assimp/models/OBJ/spider.obj", "assimp-testmodels"),
+    "wuson": ("/usr/share/assimp/models/PLY/Wuson.ply", "assimp-testmodels"),
+}
+
+
+def real_object(name: str) -> Path:
+    """Path of a real mesh made by others (Debian packages installed by scripts/bootstrap.sh), or skip."""
+    path, package = REAL_OBJECTS[name]
+    if not Path(path).is_file():
+        pytest.skip(f"real object {name} missing: apt-get install {package}")
+    return Path(path)
+
+
+@pytest.fixture
+def bunny_path() -> Path:
+    return real_object("bunny")
+
+
+@pytest.fixture
+def spider_path() -> Path:
+    return real_object("spider")
+
+
+@pytest.fixture
+def wuson_path() -> Path:
+    return real_object("wuson")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
