@@ -1,0 +1,98 @@
+"""Reading meshes into the hi3d world (+Z up, unit cube at the origin) and writing them back.
+
+Every mesh read from a file goes through ``load_mesh``: the file's axis convention is changed to +Z up
+(glTF/GLB, OBJ, PLY, DAE, OFF are taken as +Y up as by custom; STL as +Z up), then the object is
+scaled and translated so its bounding box is centred at the origin with its longest side 1. The
+whole import is one 4x4 matrix ``normalization`` (file coordinates -> world), recorded in
+``cameras.json``; ``to_file_coords`` undoes it for export.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import trimesh
+
+from hi3d.cameras import YUP_TO_ZUP
+from hi3d.errors import Hi3DError
+
+ZUP_SUFFIXES = {".stl"}
+SUPPORTED = {".obj", ".glb", ".gltf", ".ply", ".stl", ".off", ".dae"}
+
+
+def axis_change(path: str | Path) -> np.ndarray:
+    """4x4 from the file's axis convention to +Z up."""
+    return np.eye(4) if Path(path).suffix.lower() in ZUP_SUFFIXES else YUP_TO_ZUP.numpy().copy()
+
+
+def unit_cube_transform(bounds: np.ndarray) -> np.ndarray:
+    """4x4 mapping an axis-aligned box ``[[min xyz], [max xyz]]`` into the unit cube at the origin."""
+    center = (bounds[0] + bounds[1]) / 2
+    scale = 1.0 / float(np.max(bounds[1] - bounds[0]))
+    T = np.eye(4)
+    T[:3, :3] *= scale
+    T[:3, 3] = -center * scale
+    return T
+
+
+def load_scene(path: str | Path) -> trimesh.Scene:
+    """Read any file trimesh reads (with materials/textures) as a Scene with at least one triangle; clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise Hi3DError(f"mesh file not found: {path}")
+    if path.stat().st_size == 0:
+        raise Hi3DError(f"mesh file is empty: {path}")
+    if path.suffix.lower() not in SUPPORTED:
+        raise Hi3DError(f"{path}: unsupported mesh format '{path.suffix}' (supported: {', '.join(sorted(SUPPORTED))})")
+    try:
+        loaded = trimesh.load(path, process=False)
+    except Exception as e:  # trimesh raises many types for corrupt files
+        raise Hi3DError(f"cannot read mesh {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    scene = loaded if isinstance(loaded, trimesh.Scene) else trimesh.Scene(loaded)
+    meshes = [g for g in scene.geometry.values() if isinstance(g, trimesh.Trimesh) and len(g.faces) > 0]
+    if not meshes:
+        raise Hi3DError(f"{path}: has no triangle faces (a point cloud or empty mesh cannot be rendered)")
+    for g in meshes:
+        if not np.isfinite(g.vertices).all():
+            raise Hi3DError(f"{path}: vertices contain NaN or Inf")
+    for name in [n for n, g in scene.geometry.items() if not (isinstance(g, trimesh.Trimesh) and len(g.faces))]:
+        scene.delete_geometry(name)
+    return scene
+
+
+def load_mesh(path: str | Path, normalize: bool = True) -> tuple[trimesh.Scene, np.ndarray]:
+    """``(scene in world coordinates, normalization 4x4)``; with ``normalize=False`` only the axis change."""
+    scene = load_scene(path)
+    T = axis_change(path)
+    scene.apply_transform(T)
+    if normalize:
+        N = unit_cube_transform(scene.bounds)
+        scene.apply_transform(N)
+        T = N @ T
+    return scene, T
+
+
+def as_trimesh(scene: trimesh.Scene | trimesh.Trimesh) -> trimesh.Trimesh:
+    """One Trimesh with all geometry of ``scene`` in scene coordinates (for metrics)."""
+    if isinstance(scene, trimesh.Trimesh):
+        return scene
+    return scene.to_geometry() if hasattr(scene, "to_geometry") else scene.dump(concatenate=True)
+
+
+def load_world_mesh(path: str | Path, normalization: np.ndarray | torch.Tensor | None = None) -> trimesh.Trimesh:
+    """A mesh file as one Trimesh in world coordinates: with a recorded ``normalization`` (file -> world)
+    when given (e.g. a reconstruction's source), else normalised afresh by ``load_mesh``."""
+    if normalization is None:
+        return as_trimesh(load_mesh(path)[0])
+    scene = load_scene(path)
+    scene.apply_transform(np.asarray(normalization, dtype=np.float64))
+    return as_trimesh(scene)
+
+
+def to_file_coords(mesh: trimesh.Trimesh, normalization: np.ndarray | torch.Tensor) -> trimesh.Trimesh:
+    """Undo ``normalization`` (world -> source file coordinates, incl. +Y up) on a copy of ``mesh``."""
+    out = mesh.copy()
+    out.apply_transform(np.linalg.inv(np.asarray(normalization, dtype=np.float64)))
+    return out
