@@ -141,7 +141,7 @@ def interpolated_views(azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor, r
 
     The N views are taken in order around the orbit (gap i joins view i and view (i+1) % N). Gap i
     gets ``floor((i+1)M/N) - floor(iM/N)`` views at fractions ``k/(n_i+1)`` of the way along it, with
-    azimuth (the short way round), elevation and radius interpolated linearly, so every camera lies
+    azimuth (forward, counter-clockwise, as the orbit goes), elevation and radius interpolated linearly, so every camera lies
     on the orbit and looks at the origin, never through the object. M = N gives one view half-way
     along each gap. Returns ``(azimuth_deg [M], elevation_deg [M], radius [M])`` in float64.
     """
@@ -153,7 +153,7 @@ def interpolated_views(azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor, r
     for i in range(n):
         count = (i + 1) * num_interp // n - i * num_interp // n
         j = (i + 1) % n
-        delta = (az[j] - az[i] + 180.0) % 360.0 - 180.0
+        delta = (az[j] - az[i]) % 360.0
         for k in range(1, count + 1):
             t = k / (count + 1)
             out_az.append((az[i] + t * delta) % 360.0)
