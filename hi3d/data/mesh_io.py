@@ -37,6 +37,16 @@ def unit_cube_transform(bounds: np.ndarray) -> np.ndarray:
     return T
 
 
+class _AssetResolver(trimesh.resolvers.FilePathResolver):
+    """Texture/material look-up beside the mesh that also accepts Windows paths (``map_Kd .\\tex.jpg``)."""
+
+    def get(self, name: str):
+        try:
+            return super().get(name)
+        except (FileNotFoundError, ValueError):
+            return super().get(name.replace("\\", "/"))
+
+
 def load_scene(path: str | Path) -> trimesh.Scene:
     """Read any file trimesh reads (with materials/textures) as a Scene with at least one triangle; clear errors."""
     path = Path(path)
@@ -47,7 +57,7 @@ def load_scene(path: str | Path) -> trimesh.Scene:
     if path.suffix.lower() not in SUPPORTED:
         raise Hi3DError(f"{path}: unsupported mesh format '{path.suffix}' (supported: {', '.join(sorted(SUPPORTED))})")
     try:
-        loaded = trimesh.load(path, process=False)
+        loaded = trimesh.load(path, process=False, resolver=_AssetResolver(path))
     except Exception as e:  # trimesh raises many types for corrupt files
         raise Hi3DError(f"cannot read mesh {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     scene = loaded if isinstance(loaded, trimesh.Scene) else trimesh.Scene(loaded)
