@@ -1,0 +1,234 @@
+"""Stage 1, the orbit generator: SVD (image-to-video) fine-tuned to turn one image + a camera elevation
+into a 16-frame orbit (paper §4.2).
+
+Conditions (as the released Hi3D stage-1 model): CLIP embedding of the input -> cross-attention; the VAE
+latent of the noise-augmented input concatenated to every noisy frame latent (conv_in 4 + 4); elevation
+through an ``added_time_ids`` slot (``hi3d.models.conditioning``). Objective: EDM with v-prediction
+(``hi3d.models.edm``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from hi3d.errors import Hi3DError
+from hi3d.models import edm
+from hi3d.models.conditioning import SVD_SLOTS, adapt_added_time_projection, added_time_ids, check_slots
+from hi3d.models.svd import (clip_embed, encode_condition, encode_frames, init_weights_, module_device_dtype,
+                             randn)
+
+SVD_REPO = "stabilityai/stable-video-diffusion-img2vid-xt"
+SUBFOLDERS = ("unet", "vae", "image_encoder", "feature_extractor")
+PIPELINE_FILE = "hi3d_pipeline.json"  # written by OrbitPipeline.save_pretrained: config + slot layout
+
+
+@dataclasses.dataclass
+class TinyConfig:
+    """Tiny randomly initialised components for tests and CPU runs (used when ``enabled``)."""
+    enabled: bool = False
+    seed: int = 0
+    unet_channels: list[int] = dataclasses.field(default_factory=lambda: [32, 64])
+    unet_heads: list[int] = dataclasses.field(default_factory=lambda: [2, 4])
+    layers_per_block: int = 1
+    cross_attention_dim: int = 32
+    vae_channels: list[int] = dataclasses.field(default_factory=lambda: [32, 32, 32])  # 3 levels: /4 latents
+    clip_hidden: int = 32
+    clip_layers: int = 2
+    clip_image_size: int = 32
+
+
+@dataclasses.dataclass
+class Stage1Config:
+    """Model, objective and sampling settings of stage 1 (paper values by default)."""
+    pretrained: str | None = None  # local diffusers-format SVD(-XT) or converted Hi3D folder; None with tiny
+    num_frames: int = 16
+    resolution: int = 512
+    slots: list[str] = dataclasses.field(default_factory=lambda: ["constant", "elevation", "noise_aug"])
+    constant_value: float = 0.0  # id of the "constant" slot (the release put an aesthetic score here)
+    P_mean: float = 1.0  # ln σ ~ N(P_mean, P_std²), one σ per video
+    P_std: float = 1.6
+    noise_aug_mean: float = -3.0  # training: strength = exp(N(mean, std²))
+    noise_aug_std: float = 0.5
+    cond_dropout: float = 0.1  # CLIP embedding and input latent each zeroed independently with this p
+    gradient_checkpointing: bool = False
+    trainable_params: list[str] = dataclasses.field(default_factory=list)  # name substrings; [] = all UNet
+    vae_encode_chunk: int = 16
+    # sampling (validation and OrbitPipeline defaults)
+    num_inference_steps: int = 25
+    sigma_min: float = 0.002
+    sigma_max: float = 700.0
+    rho: float = 7.0
+    min_guidance: float = 1.0
+    max_guidance: float = 2.5
+    noise_aug: float = 0.02
+    decode_chunk_size: int = 8
+    object_fill: float = 0.75  # preprocessing: longer side of the object's box / image side
+    tiny: TinyConfig = dataclasses.field(default_factory=TinyConfig)
+
+
+@dataclasses.dataclass
+class Stage1Components:
+    unet: torch.nn.Module  # diffusers UNetSpatioTemporalConditionModel
+    vae: torch.nn.Module  # diffusers AutoencoderKLTemporalDecoder (or AutoencoderKL: image decoder)
+    image_encoder: torch.nn.Module  # transformers CLIPVisionModelWithProjection
+    feature_extractor: object  # transformers CLIPImageProcessor (mean/std used)
+
+
+def tiny_components(cfg: Stage1Config = Stage1Config()) -> Stage1Components:
+    """Tiny random components (seeded by ``cfg.tiny.seed``) with the layout of ``cfg``: conv_in 8 -> 4,
+    ``len(cfg.slots)`` 256-d time-id slots, CLIP projection = cross-attention width."""
+    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    t = cfg.tiny
+    check_slots(cfg.slots)
+    n = len(t.unet_channels)
+    unet = UNetSpatioTemporalConditionModel(
+        sample_size=None, in_channels=8, out_channels=4, block_out_channels=tuple(t.unet_channels),
+        down_block_types=("CrossAttnDownBlockSpatioTemporal",) * (n - 1) + ("DownBlockSpatioTemporal",),
+        up_block_types=("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * (n - 1),
+        num_attention_heads=tuple(t.unet_heads), layers_per_block=t.layers_per_block,
+        cross_attention_dim=t.cross_attention_dim, addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=256 * len(cfg.slots), num_frames=cfg.num_frames)
+    vae = AutoencoderKLTemporalDecoder(
+        block_out_channels=tuple(t.vae_channels), down_block_types=("DownEncoderBlock2D",) * len(t.vae_channels),
+        layers_per_block=1, latent_channels=4)
+    clip_cfg = CLIPVisionConfig(hidden_size=t.clip_hidden, intermediate_size=2 * t.clip_hidden,
+                                projection_dim=t.cross_attention_dim, num_hidden_layers=t.clip_layers,
+                                num_attention_heads=2, image_size=t.clip_image_size, patch_size=8)
+    image_encoder = CLIPVisionModelWithProjection(clip_cfg)
+    fe = CLIPImageProcessor(size={"shortest_edge": t.clip_image_size},
+                            crop_size={"height": t.clip_image_size, "width": t.clip_image_size})
+    g = torch.Generator().manual_seed(t.seed)
+    for m in (unet, vae, image_encoder):
+        init_weights_(m, g)
+    return Stage1Components(unet, vae, image_encoder.eval(), fe)
+
+
+def missing_weights_error(folder: str | Path | None, what: str) -> Hi3DError:
+    return Hi3DError(
+        f"stage-1 weights {what}. Download {SVD_REPO} in diffusers format (e.g. `huggingface-cli download "
+        f"{SVD_REPO} --local-dir {folder or 'weights/svd-xt'}` on a machine with internet) or convert the Hi3D "
+        "stage-1 checkpoint with `scripts/convert_checkpoint.py`, then point `pretrained=` (or --weights) at that "
+        "folder; it needs the subfolders " + ", ".join(f"{s}/" for s in SUBFOLDERS))
+
+
+def load_stage1(folder: str | Path | None, cfg: Stage1Config = Stage1Config(), torch_dtype=None) -> Stage1Components:
+    """Components from a local diffusers-format folder (SVD/SVD-XT, or one saved by ``OrbitPipeline``).
+
+    The UNet's added-time projection is adapted to ``cfg.slots``: a folder saved by us records its slots in
+    ``hi3d_pipeline.json``; any other folder is taken as SVD (``[fps, motion_bucket, noise_aug]``).
+    """
+    if folder is None:
+        raise missing_weights_error(None, "folder not set")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise missing_weights_error(folder, f"folder not found: {folder}")
+    missing = [s for s in SUBFOLDERS if not (folder / s / ("preprocessor_config.json" if s == "feature_extractor"
+                                                          else "config.json")).is_file()]
+    if missing:
+        raise missing_weights_error(folder, f"folder {folder} is incomplete (missing {', '.join(missing)})")
+    from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    vae_class = json.loads((folder / "vae" / "config.json").read_text()).get("_class_name")
+    vae_cls = AutoencoderKL if vae_class == "AutoencoderKL" else AutoencoderKLTemporalDecoder
+    try:
+        unet = UNetSpatioTemporalConditionModel.from_pretrained(folder / "unet", **kw)
+        vae = vae_cls.from_pretrained(folder / "vae", **kw)
+        image_encoder = CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder", **kw)
+        fe = CLIPImageProcessor.from_pretrained(folder / "feature_extractor")
+    except (OSError, ValueError) as e:
+        raise missing_weights_error(folder, f"in {folder} cannot be read ({str(e).splitlines()[0]})") from None
+    meta = folder / PIPELINE_FILE
+    source_slots = json.loads(meta.read_text())["slots"] if meta.is_file() else list(SVD_SLOTS)
+    adapt_added_time_projection(unet, source_slots, cfg.slots)
+    return Stage1Components(unet, vae, image_encoder.eval(), fe)
+
+
+def build_components(cfg: Stage1Config) -> Stage1Components:
+    """Tiny random components when ``cfg.tiny.enabled``, else ``load_stage1(cfg.pretrained)``."""
+    return tiny_components(cfg) if cfg.tiny.enabled else load_stage1(cfg.pretrained, cfg)
+
+
+class Stage1Task:
+    """Stage 1 for the shared training loop (``hi3d.training.task.DiffusionTask``).
+
+    Batch: ``frames [B, F, 3, H, W]`` in [-1, 1] (white background, frame 0 = input view),
+    ``elevation [B]`` degrees. One training step (sgm/SVD recipe):
+    frame latents z = VAE(frames)·s (posterior sample); ln σ ~ N(P_mean, P_std²) per video;
+    noise-aug strength a = exp(N(−3, 0.5²)); condition latent = mode(VAE(frame0 + a·ε)) (unscaled),
+    concatenated to every frame; CLIP(frame0) to cross-attention; ids = slots(elevation, a);
+    CLIP embedding and condition latent are each zeroed with p = ``cond_dropout`` (independently, as sgm's
+    per-embedder ``ucg_rate``; the ids are never dropped); loss = mean λ(σ)·‖D(z + σε; σ) − z‖².
+    """
+
+    def __init__(self, cfg: Stage1Config, components: Stage1Components | None = None):
+        check_slots(cfg.slots)
+        self.cfg = cfg
+        c = components or build_components(cfg)
+        self.unet, self.vae, self.image_encoder, self.feature_extractor = (c.unet, c.vae, c.image_encoder,
+                                                                          c.feature_extractor)
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        if cfg.trainable_params:
+            for name, p in self.unet.named_parameters():
+                p.requires_grad_(any(k in name for k in cfg.trainable_params))
+
+    @property
+    def components(self) -> Stage1Components:
+        return Stage1Components(self.unet, self.vae, self.image_encoder, self.feature_extractor)
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.vae, self.image_encoder]
+
+    @torch.no_grad()
+    def conditions(self, frames: torch.Tensor, elevation: torch.Tensor, generator: torch.Generator | None):
+        """Training targets and conditions: ``(z [B,F,4,h,w], concat [B,F,4,h,w], clip [B,1,D], ids [B,S])``."""
+        cfg = self.cfg
+        B, Fr = frames.shape[:2]
+        device, _ = module_device_dtype(self.vae)
+        frames = frames.to(device, torch.float32)
+        z = encode_frames(self.vae, frames, generator, sample=True, chunk=cfg.vae_encode_chunk).float()
+        aug = edm.noise_aug_strength(B, generator, cfg.noise_aug_mean, cfg.noise_aug_std,
+                                     device=generator.device if generator is not None else "cpu").to(device)
+        image = frames[:, 0]
+        cond = encode_condition(self.vae, image + edm.append_dims(aug, 4) * randn(image.shape, generator, device))
+        clip = clip_embed(self.image_encoder, self.feature_extractor, image).float()
+        gdev = generator.device if generator is not None else "cpu"
+        keep_clip = edm.condition_dropout(B, cfg.cond_dropout, generator, gdev).to(device)
+        keep_cond = edm.condition_dropout(B, cfg.cond_dropout, generator, gdev).to(device)
+        clip = clip * edm.append_dims(keep_clip, 3)
+        concat = (cond.float() * edm.append_dims(keep_cond, 4)).unsqueeze(1).expand(-1, Fr, -1, -1, -1)
+        ids = added_time_ids(cfg.slots, elevation.to(device), aug, cfg.constant_value)
+        return z, concat, clip, ids
+
+    def training_loss(self, unet: torch.nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        from hi3d.models.svd import unet_forward
+
+        z, concat, clip, ids = self.conditions(batch["frames"], batch["elevation"], generator)
+        B = z.shape[0]
+        gdev = generator.device if generator is not None else "cpu"
+        sigma = edm.sample_sigma(B, self.cfg.P_mean, self.cfg.P_std, generator, gdev).to(z.device)
+        noisy = z + edm.append_dims(sigma, z.ndim) * randn(z.shape, generator, z.device)
+        denoised = edm.denoise(lambda x, c: unet_forward(unet, x, c, concat, clip, ids), noisy, sigma)
+        per_video = ((denoised.float() - z) ** 2).flatten(1).mean(1)
+        return (edm.loss_weight(sigma) * per_video).mean()
+
+    @torch.no_grad()
+    def sample(self, unet: torch.nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        from hi3d.pipelines.orbit import OrbitPipeline
+
+        pipe = OrbitPipeline(unet, self.vae, self.image_encoder, self.feature_extractor, self.cfg)
+        image = (batch["frames"][:, 0].float() + 1) / 2
+        return pipe.generate(image, batch["elevation"], generators=generator)
+
+    def save_pretrained(self, unet: torch.nn.Module, folder: str | Path) -> None:
+        from hi3d.pipelines.orbit import OrbitPipeline
+
+        OrbitPipeline(unet, self.vae, self.image_encoder, self.feature_extractor, self.cfg).save_pretrained(folder)
