@@ -1,0 +1,160 @@
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hi3d.data.datasets import DataConfig, OrbitDataset, first_samples
+from hi3d.data.orbit import save_orbit
+from hi3d.training.checkpoint import latest_checkpoint, list_checkpoints
+from hi3d.training.loop import TrainConfig, iterate_batches, map_epoch_batches, train
+from test_datasets import synthetic_orbit
+
+
+class StandInTask:
+    """A tiny denoiser implementing the DiffusionTask protocol (the loop must not depend on a stage)."""
+
+    def __init__(self, state: dict):
+        self.unet = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(),
+                                        torch.nn.Conv2d(8, 3, 3, padding=1))
+        self.unet.load_state_dict(state)
+        self.encoder = torch.nn.Conv2d(3, 3, 1)  # frozen stand-in for a VAE: a fixed colour mix
+        with torch.no_grad():
+            self.encoder.weight.copy_(torch.eye(3).view(3, 3, 1, 1) * 0.9 + 0.05)
+            self.encoder.bias.zero_()
+
+    def frozen_modules(self):
+        return [self.encoder]
+
+    def _denoise(self, unet, noisy, elevation):
+        b, f, c, h, w = noisy.shape
+        el = (elevation / 40).view(b, 1, 1, 1, 1).expand(b, f, 1, h, w)
+        x = torch.cat([self.encoder(noisy.flatten(0, 1)).view(b, f, c, h, w), el], 2)
+        return unet(x.flatten(0, 1)).view(b, f, c, h, w)
+
+    def training_loss(self, unet, batch, generator):
+        x = batch["frames"]
+        sigma = torch.rand(x.shape[0], 1, 1, 1, 1, generator=generator, device=generator.device)
+        noisy = x + sigma * torch.randn(x.shape, generator=generator, device=generator.device)
+        return torch.mean((self._denoise(unet, noisy, batch["elevation"]) - x) ** 2)
+
+    @torch.no_grad()
+    def sample(self, unet, batch, generator):
+        x = batch["frames"]
+        noise = 0.1 * torch.randn(x.shape, generator=generator, device=generator.device)
+        return ((self._denoise(unet, noise, batch["elevation"]) + 1) / 2).clamp(0, 1)
+
+    def save_pretrained(self, unet, folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(Path(folder) / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def initial_state():
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 3, 3, padding=1))
+    return {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in net.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("orbits")
+    for k in range(5):
+        save_orbit(synthetic_orbit(8, 16, 16, elevation=5.0 * k, tag=k), root / f"obj{k}", sheet=False)
+    return OrbitDataset(DataConfig(root=str(root), resolution=16, num_frames=2, seed=0))
+
+
+def tiny_cfg(out: Path, **kw) -> TrainConfig:
+    base = dict(output_dir=str(out), steps=8, batch_size=2, grad_accum=2, lr=1e-2, warmup_steps=2, ema_decay=0.9,
+                checkpoint_every=4, keep_last=2, validate_every=4, log_every=1, num_workers=0, log_object_ids=True)
+    return TrainConfig(**{**base, **kw})
+
+
+def weights(result):
+    return {k: v.detach().clone() for k, v in result.unet.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+def test_map_epoch_batches_split_processes_and_repeat_small_datasets():
+    a = map_epoch_batches(12, 3, 2, 0, 2, seed=1)
+    b = map_epoch_batches(12, 3, 2, 1, 2, seed=1)
+    assert a == map_epoch_batches(12, 3, 2, 0, 2, seed=1)  # deterministic
+    flat = sum(a, []) + sum(b, [])
+    assert sorted(flat) == list(range(36, 48)) and not set(sum(a, [])) & set(sum(b, []))
+    assert [x - 12 for x in sum(map_epoch_batches(12, 4, 2, 0, 2, seed=1), [])] != sum(a, [])  # reshuffled
+    assert len(map_epoch_batches(10, 0, 2, 0, 2, seed=1)) == 2  # the incomplete tail group is dropped
+    small = map_epoch_batches(2, 0, 2, 0, 2, seed=1)  # 2 objects, 2 processes x 2: repeated
+    assert len(small) == 1 and len(small[0]) == 2
+
+
+def test_iterate_batches_resumes_at_position(dataset, tmp_path):
+    cfg = tiny_cfg(tmp_path, batch_size=2)
+    it = iterate_batches(dataset, cfg, 0, 1, 0)
+    full = [next(it)["object_id"] for _ in range(7)]  # crosses epochs (2 batches per epoch)
+    it = iterate_batches(dataset, cfg, 0, 1, 3)
+    assert [next(it)["object_id"] for _ in range(4)] == full[3:]
+
+
+def test_resume_equals_uninterrupted(dataset, initial_state, tmp_path):
+    val = first_samples(dataset, 2)
+    full = train(tiny_cfg(tmp_path / "a"), StandInTask(initial_state), dataset, val)
+    assert full.step == 8 and len(full.losses) == 8
+    first = train(tiny_cfg(tmp_path / "b", steps=4), StandInTask(initial_state), dataset, val)
+    assert not torch.allclose(first.unet[0].weight, full.unet[0].weight)
+    second = train(tiny_cfg(tmp_path / "b", resume=True), StandInTask(initial_state), dataset, val)
+    assert second.step == 8 and len(second.losses) == 4
+    assert_same_weights(weights(full), weights(second))
+    for p, q in zip(full.ema.shadow_params, second.ema.shadow_params):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    assert first.losses + second.losses == pytest.approx(full.losses, abs=1e-6)
+    ids = lambda d: (d / "object_ids" / "rank0.txt").read_text()  # noqa: E731
+    assert ids(tmp_path / "a") == ids(tmp_path / "b")  # same data, same order
+    # outputs: checkpoints (keep_last=2), samples, final weights, logs, config, run.json
+    out = tmp_path / "a"
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000004", "step-00000008"]
+    assert (out / "samples" / "step-00000008.png").is_file() and (out / "final" / "model.safetensors").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+    assert "steps: 8" in (out / "config.yaml").read_text()
+    run = json.loads((out / "run.json").read_text())
+    assert run["stages"]["train"]["steps"] == 8 and run["total_batch"] == 4 and run["weights"]
+    run_b = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert run_b["resumed_from"].endswith("step-00000004")
+
+
+def test_final_weights_are_ema_and_frozen_modules_stay_frozen(dataset, initial_state, tmp_path):
+    from safetensors.torch import load_file
+
+    task = StandInTask(initial_state)
+    before = copy.deepcopy(task.encoder.state_dict())
+    res = train(tiny_cfg(tmp_path, steps=3, validate_every=0, checkpoint_every=100), task, dataset)
+    assert not task.encoder.weight.requires_grad
+    assert_same_weights(before, task.encoder.state_dict(), atol=0)
+    final = load_file(str(tmp_path / "final" / "model.safetensors"))
+    torch.testing.assert_close(final["0.weight"], res.ema.shadow_params[0], atol=0, rtol=0)
+    assert not torch.allclose(final["0.weight"], res.unet[0].weight)  # EMA differs from the raw weights
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003"]  # the final step is always saved
+
+
+def test_crash_mid_checkpoint_keeps_previous_checkpoint(dataset, initial_state, tmp_path):
+    def crash_at_step4(stage, tmp_dir):
+        if stage == "accelerate" and tmp_dir.name.endswith("00000004"):
+            raise RuntimeError("simulated crash during save")
+
+    cfg = tiny_cfg(tmp_path / "crash", steps=4, checkpoint_every=2, validate_every=0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, StandInTask(initial_state), dataset, checkpoint_hook=crash_at_step4)
+    assert latest_checkpoint(tmp_path / "crash").name == "step-00000002"
+    partial = tmp_path / "crash" / "checkpoints" / ".tmp-step-00000004"
+    assert partial.is_dir() and (partial / "model.safetensors").is_file()  # the half-written save
+    resumed = train(dataclasses.replace(cfg, resume=True), StandInTask(initial_state), dataset)
+    assert resumed.step == 4 and len(resumed.losses) == 2 and not partial.exists()
+    reference = train(dataclasses.replace(cfg, output_dir=str(tmp_path / "ref")), StandInTask(initial_state), dataset)
+    assert_same_weights(weights(reference), weights(resumed))
