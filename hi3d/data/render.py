@@ -93,6 +93,8 @@ class _Renderer:
             raise Hi3DError(f"cannot create an EGL rendering context ({type(e).__name__}: {e}); "
                             f"install EGL/Mesa with: apt-get install {EGL_PACKAGES}") from None
 
+        self.depth_offset = self._depth_sample_offset(pyrender)
+
     @classmethod
     def get(cls, width: int, height: int) -> "_Renderer":
         if cls._instance is None:
@@ -101,6 +103,32 @@ class _Renderer:
         if (r.viewport_width, r.viewport_height) != (width, height):
             r.viewport_width, r.viewport_height = width, height
         return cls._instance
+
+    def _depth_sample_offset(self, pyrender) -> np.ndarray:
+        """Where in a pixel the MSAA depth resolve samples, ``(du, dv)`` from the pixel centre in pixels.
+
+        Renders planes tilted along x and along y (camera = world, OpenCV axes), where the depth at each
+        pixel tells the image coordinate it was sampled at; Mesa's llvmpipe gives (-0.125, +0.375).
+        """
+        W, H = self.r.viewport_width, self.r.viewport_height
+        K = cameras.intrinsics(W, H, 60.0).numpy()
+        uv = cameras.pixel_centers(W, H, torch.float64).numpy()
+        offset = np.zeros(2)
+        for axis in (0, 1):
+            s, t = np.meshgrid([-1.9, 1.9], [-8.0, 8.0], indexing="ij")
+            a, b = (s, t) if axis == 0 else (t, s)  # tilt along the camera x (or y) axis: z = 2 + a_axis / 2
+            verts = np.stack([a.ravel(), b.ravel(), 2 + 0.5 * (s.ravel())], -1)
+            scene = pyrender.Scene(bg_color=[0.0, 0.0, 0.0, 0.0])
+            scene.add(pyrender.Mesh([pyrender.Primitive(positions=verts.astype(np.float32),
+                                                        indices=np.array([[0, 1, 2], [1, 3, 2], [0, 2, 1], [1, 2, 3]]))]))
+            scene.add(pyrender.IntrinsicsCamera(K[0, 0], K[1, 1], K[0, 2], K[1, 2], znear=0.5, zfar=5.0),
+                      pose=cameras.CV_TO_GL.numpy())
+            z = self.r.render(scene, flags=pyrender.RenderFlags.DEPTH_ONLY | pyrender.RenderFlags.SKIP_CULL_FACES)
+            ok = z > 0
+            # plane z = 2 + x/2 with x = (u - cx) z / f  ->  u = cx + 2 f (1 - 2 / z)
+            sampled = K[axis, 2] + 2 * K[axis, axis] * (1 - 2 / z[ok])
+            offset[axis] = float(np.median(sampled - uv[..., axis][ok]))
+        return offset
 
 
 def _geometries(scene: trimesh.Scene | trimesh.Trimesh) -> list[trimesh.Trimesh]:
@@ -147,8 +175,9 @@ def render_views(scene_or_path: str | Path | trimesh.Scene | trimesh.Trimesh, c2
     ``scene_or_path``: a mesh file (read by ``mesh_io.load_mesh``: +Z up, unit cube) or a world-space
     ``trimesh.Scene``/``Trimesh`` (then ``normalization`` is recorded as given, identity by default).
     ``c2w [N, 4, 4]`` OpenCV camera-to-world; ``K [N, 3, 3]`` or ``[3, 3]`` in pixels for ``width x height``.
-    Returns an ``Orbit``: rgba ``[N, H, W, 4]`` straight alpha (RGB white where alpha is 0), depth
-    ``[N, H, W]`` camera z in world units (0 off the object), normal ``[N, H, W, 3]`` unit world-space
+    Returns an ``Orbit``: rgba ``[N, H, W, 4]`` straight alpha = pixel coverage (RGB white where alpha
+    is 0), depth ``[N, H, W]`` camera z in world units of the surface under the pixel centre (0 where the
+    centre ray misses it, so a few silhouette pixels with alpha >= 0.5 may have 0), normal ``[N, H, W, 3]`` unit world-space
     normals (0 off the object), azimuth/elevation/radius of the camera centres.
     """
     if shading not in ("lambert", "flat"):
@@ -179,42 +208,44 @@ def render_views(scene_or_path: str | Path | trimesh.Scene | trimesh.Trimesh, c2
     cam_node = pr_scene.add(cam, pose=np.eye(4))
     flags = pyrender.RenderFlags.RGBA | pyrender.RenderFlags.FLAT | pyrender.RenderFlags.SKIP_CULL_FACES
 
-    rgba, depth, normals = [], [], []
-    for i in range(len(c2w)):
+    N = len(c2w)
+    rgba, depth = np.empty((N, height, width, 4), np.float32), np.empty((N, height, width), np.float32)
+    normals = np.empty((N, height, width, 3), np.float32)
+    for i in range(N):
         Ki, pose = K[i].numpy(), c2w[i].numpy()
         cam.fx, cam.fy, cam.cx, cam.cy = Ki[0, 0], Ki[1, 1], Ki[0, 2], Ki[1, 2]
         cam.znear, cam.zfar = _clip_planes(pose, center, extent)
         pr_scene.set_pose(cam_node, cameras.opencv_to_opengl(c2w[i]).numpy())
         for node_a, node_n in zip(albedo, normal):
             node_a.mesh.is_visible, node_n.mesh.is_visible = False, True
-        geo, z = renderer.r.render(pr_scene, flags=flags)
+        geo, _ = renderer.r.render(pr_scene, flags=flags)
+        # depth: the MSAA resolve samples off-centre, so shift the principal point to sample pixel centres
+        cam.cx, cam.cy = Ki[0, 2] + renderer.depth_offset[0], Ki[1, 2] + renderer.depth_offset[1]
+        _, depth[i] = renderer.r.render(pr_scene, flags=flags)
+        cam.cx, cam.cy = Ki[0, 2], Ki[1, 2]
         for node_a, node_n in zip(albedo, normal):
             node_a.mesh.is_visible, node_n.mesh.is_visible = True, False
         col, _ = renderer.r.render(pr_scene, flags=flags)
-        rgba_i, n_i, z_i = _resolve(col, geo, z, shading, ambient)
-        rgba.append(rgba_i), normals.append(n_i), depth.append(z_i)
+        rgba[i], normals[i] = _resolve(col, geo, shading, ambient)
     pr_scene.clear()  # frees the GPU buffers on the next render
     az, el, r = cameras.azimuth_elevation_radius(c2w)
-    return Orbit(rgba=torch.stack(rgba), c2w=c2w.clone(), K=K.clone(), azimuth_deg=az, elevation_deg=el, radius=r,
-                 normalization=torch.as_tensor(np.asarray(norm), dtype=torch.float64), depth=torch.stack(depth),
-                 normal=torch.stack(normals), source=["render"] * len(c2w), meta={"mesh": source} if source else {})
+    return Orbit(rgba=torch.from_numpy(rgba), c2w=c2w.clone(), K=K.clone(), azimuth_deg=az, elevation_deg=el, radius=r,
+                 normalization=torch.as_tensor(np.asarray(norm), dtype=torch.float64), depth=torch.from_numpy(depth),
+                 normal=torch.from_numpy(normals), source=["render"] * len(c2w), meta={"mesh": source} if source else {})
 
 
-def _resolve(col: np.ndarray, geo: np.ndarray, z: np.ndarray, shading: str, ambient: float):
-    """MSAA-resolved uint8 passes -> (rgba [H, W, 4], normal [H, W, 3], depth [H, W]) float32 tensors."""
-    col = torch.from_numpy(col.astype(np.float32) / 255.0)
-    geo = torch.from_numpy(geo.astype(np.float32) / 255.0)
-    alpha = geo[..., 3:]
+def _resolve(col: np.ndarray, geo: np.ndarray, shading: str, ambient: float) -> tuple[np.ndarray, np.ndarray]:
+    """MSAA-resolved uint8 passes ``[H, W, 4]`` -> (rgba ``[H, W, 4]``, unit normal ``[H, W, 3]``) float32."""
+    alpha = geo[..., 3:].astype(np.float32) / 255.0
     covered = alpha > 0
-    safe = alpha.clamp_min(1e-6)
-    n = torch.nn.functional.normalize((geo[..., :3] / safe) * 2 - 1, dim=-1) * covered
-    rgb = (col[..., :3] / safe).clamp(0, 1)
+    inv = np.where(covered, 1.0 / np.maximum(alpha, 1e-6), 0.0).astype(np.float32) / 255.0
+    n = geo[..., :3] * (2 * inv) - covered
+    n /= np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-6)
+    rgb = np.minimum(col[..., :3] * inv, 1.0)
     if shading == "lambert":
-        light = torch.as_tensor(LIGHT_DIR, dtype=torch.float32)
-        rgb = rgb * (ambient + (1 - ambient) * (n @ light).clamp_min(0)[..., None])
-    rgb = torch.where(covered, rgb, torch.ones_like(rgb))
-    depth = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)) * (alpha[..., 0] >= 0.5)
-    return torch.cat([rgb, alpha], -1), n, depth
+        rgb *= ambient + (1 - ambient) * np.maximum(n @ LIGHT_DIR.astype(np.float32), 0)[..., None]
+    rgb[~covered[..., 0]] = 1.0
+    return np.concatenate([rgb, alpha], -1), n
 
 
 def render_orbit(mesh_path: str | Path | trimesh.Scene, cfg: RenderConfig, normalization=None) -> Orbit:
@@ -257,7 +288,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--fov", type=float)
     p.add_argument("--seed", type=int)
     add_config_args(p)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     overrides = list(args.overrides)
     for flag, key in [("num_views", "num_views"), ("azimuth_offset", "azimuth_offset"), ("resolution", "resolution"),
                       ("radius", "radius"), ("fov", "fov"), ("seed", "seed")]:
