@@ -118,16 +118,16 @@ class _Renderer:
             s, t = np.meshgrid([-1.9, 1.9], [-8.0, 8.0], indexing="ij")
             a, b = (s, t) if axis == 0 else (t, s)  # tilt along the camera x (or y) axis: z = 2 + a_axis / 2
             verts = np.stack([a.ravel(), b.ravel(), 2 + 0.5 * (s.ravel())], -1)
+            both_sides = np.array([[0, 1, 2], [1, 3, 2], [0, 2, 1], [1, 2, 3]])  # DEPTH_ONLY culls back faces
             scene = pyrender.Scene(bg_color=[0.0, 0.0, 0.0, 0.0])
-            scene.add(pyrender.Mesh([pyrender.Primitive(positions=verts.astype(np.float32),
-                                                        indices=np.array([[0, 1, 2], [1, 3, 2], [0, 2, 1], [1, 2, 3]]))]))
+            scene.add(pyrender.Mesh([pyrender.Primitive(positions=verts.astype(np.float32), indices=both_sides)]))
             scene.add(pyrender.IntrinsicsCamera(K[0, 0], K[1, 1], K[0, 2], K[1, 2], znear=0.5, zfar=5.0),
                       pose=cameras.CV_TO_GL.numpy())
             z = self.r.render(scene, flags=pyrender.RenderFlags.DEPTH_ONLY | pyrender.RenderFlags.SKIP_CULL_FACES)
             ok = z > 0
             # plane z = 2 + x/2 with x = (u - cx) z / f  ->  u = cx + 2 f (1 - 2 / z)
             sampled = K[axis, 2] + 2 * K[axis, axis] * (1 - 2 / z[ok])
-            offset[axis] = float(np.median(sampled - uv[..., axis][ok]))
+            offset[axis] = float(np.median(sampled - uv[..., axis][ok])) if ok.any() else 0.0
         return offset
 
 
@@ -152,7 +152,8 @@ def _albedo_mesh(pyrender, m: trimesh.Trimesh):
 
 def _normal_mesh(pyrender, m: trimesh.Trimesh):
     """pyrender mesh whose vertex colours are ``(n + 1) / 2`` of smooth world normals (split at creases)."""
-    smooth = trimesh.graph.smooth_shade(m, angle=math.radians(CREASE_DEG)) if len(m.faces) > 1 else m
+    bare = trimesh.Trimesh(m.vertices, m.faces, process=False)  # geometry only: no texture copies
+    smooth = trimesh.graph.smooth_shade(bare, angle=math.radians(CREASE_DEG)) if len(m.faces) > 1 else bare
     n = np.asarray(smooth.vertex_normals, dtype=np.float64)
     colors = np.concatenate([(n + 1) / 2, np.ones((len(n), 1))], axis=1).astype(np.float32)
     material = pyrender.MetallicRoughnessMaterial(baseColorFactor=[1.0, 1.0, 1.0, 1.0], alphaMode="OPAQUE")
@@ -169,7 +170,7 @@ def _clip_planes(c2w: np.ndarray, center: np.ndarray, extent: float) -> tuple[fl
 
 def render_views(scene_or_path: str | Path | trimesh.Scene | trimesh.Trimesh, c2w: torch.Tensor,
                  K: torch.Tensor, width: int, height: int, normalization=None, shading: str = "lambert",
-                 ambient: float = 0.5) -> Orbit:
+                 ambient: float = 0.5, with_depth: bool = True) -> Orbit:
     """Render views of a mesh at arbitrary cameras.
 
     ``scene_or_path``: a mesh file (read by ``mesh_io.load_mesh``: +Z up, unit cube) or a world-space
@@ -177,8 +178,9 @@ def render_views(scene_or_path: str | Path | trimesh.Scene | trimesh.Trimesh, c2
     ``c2w [N, 4, 4]`` OpenCV camera-to-world; ``K [N, 3, 3]`` or ``[3, 3]`` in pixels for ``width x height``.
     Returns an ``Orbit``: rgba ``[N, H, W, 4]`` straight alpha = pixel coverage (RGB white where alpha
     is 0), depth ``[N, H, W]`` camera z in world units of the surface under the pixel centre (0 where the
-    centre ray misses it, so a few silhouette pixels with alpha >= 0.5 may have 0), normal ``[N, H, W, 3]`` unit world-space
-    normals (0 off the object), azimuth/elevation/radius of the camera centres.
+    centre ray misses it, so a few silhouette pixels with alpha >= 0.5 may have 0; None without
+    ``with_depth``, which saves a third of the time), normal ``[N, H, W, 3]`` unit world-space normals
+    (0 off the object), azimuth/elevation/radius of the camera centres.
     """
     if shading not in ("lambert", "flat"):
         raise Hi3DError(f"unknown shading '{shading}' (choose lambert or flat)")
@@ -208,30 +210,32 @@ def render_views(scene_or_path: str | Path | trimesh.Scene | trimesh.Trimesh, c2
     cam_node = pr_scene.add(cam, pose=np.eye(4))
     flags = pyrender.RenderFlags.RGBA | pyrender.RenderFlags.FLAT | pyrender.RenderFlags.SKIP_CULL_FACES
 
+    def show(albedo_pass: bool) -> None:
+        for node_a, node_n in zip(albedo, normal):
+            node_a.mesh.is_visible, node_n.mesh.is_visible = albedo_pass, not albedo_pass
+
     N = len(c2w)
-    rgba, depth = np.empty((N, height, width, 4), np.float32), np.empty((N, height, width), np.float32)
-    normals = np.empty((N, height, width, 3), np.float32)
+    rgba, normals = np.empty((N, height, width, 4), np.float32), np.empty((N, height, width, 3), np.float32)
+    depth = np.empty((N, height, width), np.float32) if with_depth else None
     for i in range(N):
         Ki, pose = K[i].numpy(), c2w[i].numpy()
         cam.fx, cam.fy, cam.cx, cam.cy = Ki[0, 0], Ki[1, 1], Ki[0, 2], Ki[1, 2]
         cam.znear, cam.zfar = _clip_planes(pose, center, extent)
         pr_scene.set_pose(cam_node, cameras.opencv_to_opengl(c2w[i]).numpy())
-        for node_a, node_n in zip(albedo, normal):
-            node_a.mesh.is_visible, node_n.mesh.is_visible = False, True
-        geo, _ = renderer.r.render(pr_scene, flags=flags)
-        # depth: the MSAA resolve samples off-centre, so shift the principal point to sample pixel centres
-        cam.cx, cam.cy = Ki[0, 2] + renderer.depth_offset[0], Ki[1, 2] + renderer.depth_offset[1]
-        _, depth[i] = renderer.r.render(pr_scene, flags=flags)
-        cam.cx, cam.cy = Ki[0, 2], Ki[1, 2]
-        for node_a, node_n in zip(albedo, normal):
-            node_a.mesh.is_visible, node_n.mesh.is_visible = True, False
+        show(albedo_pass=True)
         col, _ = renderer.r.render(pr_scene, flags=flags)
+        show(albedo_pass=False)
+        geo, _ = renderer.r.render(pr_scene, flags=flags)
+        if with_depth:  # the MSAA resolve samples depth off-centre: shift the principal point onto pixel centres
+            cam.cx, cam.cy = Ki[0, 2] + renderer.depth_offset[0], Ki[1, 2] + renderer.depth_offset[1]
+            _, depth[i] = renderer.r.render(pr_scene, flags=flags)
         rgba[i], normals[i] = _resolve(col, geo, shading, ambient)
     pr_scene.clear()  # frees the GPU buffers on the next render
     az, el, r = cameras.azimuth_elevation_radius(c2w)
-    return Orbit(rgba=torch.from_numpy(rgba), c2w=c2w.clone(), K=K.clone(), azimuth_deg=az, elevation_deg=el, radius=r,
-                 normalization=torch.as_tensor(np.asarray(norm), dtype=torch.float64), depth=torch.from_numpy(depth),
-                 normal=torch.from_numpy(normals), source=["render"] * len(c2w), meta={"mesh": source} if source else {})
+    return Orbit(rgba=torch.from_numpy(rgba), c2w=c2w.clone(), K=K.clone(), azimuth_deg=az, elevation_deg=el,
+                 radius=r, normalization=torch.as_tensor(np.asarray(norm), dtype=torch.float64),
+                 depth=None if depth is None else torch.from_numpy(depth), normal=torch.from_numpy(normals),
+                 source=["render"] * N, meta={"mesh": source} if source else {})
 
 
 def _resolve(col: np.ndarray, geo: np.ndarray, shading: str, ambient: float) -> tuple[np.ndarray, np.ndarray]:
@@ -255,11 +259,9 @@ def render_orbit(mesh_path: str | Path | trimesh.Scene, cfg: RenderConfig, norma
     c2w, az, el = cameras.orbit_poses(cfg.num_views, elevation, cfg.radius, cfg.azimuth_offset)
     K = cameras.intrinsics(cfg.resolution, cfg.resolution, cfg.fov)
     orbit = render_views(mesh_path, c2w, K, cfg.resolution, cfg.resolution, normalization=normalization,
-                         shading=cfg.shading, ambient=cfg.ambient)
+                         shading=cfg.shading, ambient=cfg.ambient, with_depth=cfg.depth)
     orbit.azimuth_deg, orbit.elevation_deg = az, el
     orbit.radius = torch.full((cfg.num_views,), float(cfg.radius), dtype=torch.float64)
-    if not cfg.depth:
-        orbit.depth = None
     if not cfg.normals:
         orbit.normal = None
     return orbit
