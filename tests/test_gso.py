@@ -189,3 +189,28 @@ def test_method_plugin_and_errors(gso_root, tmp_path):
         gso.make_method(gso.GSOConfig(pred_dir=str(tmp_path / "none")))
     assert gso.read_object_list(str(REPO / "configs" / "eval" / "gso30.txt"))[:3] == ["alarm", "backpack", "bell"]
     assert len(gso.read_object_list(str(REPO / "configs" / "eval" / "gso30.txt"))) == 30
+
+
+def test_generate_method_hook(perturbed_runs, gso_root, tmp_path):
+    """GenerateMethod drives a 'hi3d generate'-style command; here a stand-in that writes the GT views and the
+    GT mesh in world scale with the +Y-up file axes, as the pipeline exports a generated mesh."""
+    _, cfg0 = perturbed_runs[0.0]
+    calls = []
+
+    def fake_generate(argv):
+        calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        assert Path(argv[0]).is_file() and argv[argv.index("--elevation") + 1] == "30" and argv[-1] == "--seed=3"
+        shutil.copytree(Path(cfg0.out) / "wuson" / "gt", out / "stage2")
+        scene, _ = load_mesh(gso.gso_mesh_path(gso_root, "wuson"))
+        to_file_coords(as_trimesh(scene), gso.axis_change("mesh.ply")).export(out / "mesh.ply")
+        return 0
+
+    method = gso.GenerateMethod(args=["--seed=3"], generate_cli=fake_generate)
+    cfg = _cfg(gso_root, tmp_path / "o", tmp_path, objects="wuson", mesh_frame="axis")
+    res = gso.run_gso(cfg, method=method)
+    assert len(calls) == 1 and not res["failed"]
+    row = res["rows"][0]
+    assert row["iou"] == 1.0 and row["chamfer"] < 1e-6 and row["psnr"] == pytest.approx(100.0)
+    assert isinstance(gso.make_method(gso.GSOConfig(method="hi3d", method_options={"args": ["--stages", "all"]})),
+                      gso.GenerateMethod)

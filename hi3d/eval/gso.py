@@ -125,9 +125,42 @@ class FolderMethod:
         return views, mesh
 
 
-# name -> factory(cfg, **method_options); issue 9's pipeline registers itself here (e.g. "hi3d")
+class GenerateMethod:
+    """Our image->3D pipeline through its command: ``hi3d generate <out_dir>/input.png --out <out_dir>
+    --elevation E [args...]``, then the mesh ``<out_dir>/**/mesh.*`` and the views of the first orbit folder
+    among ``views_dirs`` (relative to ``out_dir``) are scored. ``generate_cli`` defaults to
+    ``hi3d.pipelines.generate.cli``; a run already finished in ``out_dir`` is reused by its resume."""
+
+    name = "hi3d"
+
+    def __init__(self, args: list[str] | None = None, views_dirs: list[str] | None = None,
+                 generate_cli: Callable[[list[str]], int | None] | None = None):
+        self.args = list(args or [])
+        self.views_dirs = list(views_dirs or ["stage2", "stage1", "views"])
+        self.generate_cli = generate_cli
+
+    def predict(self, input_rgba, elevation, out_dir, object_name):
+        cli = self.generate_cli
+        if cli is None:
+            try:
+                from hi3d.pipelines.generate import cli
+            except ImportError as e:
+                raise Hi3DError(f"the image->3D pipeline is not available ({e})") from None
+        out_dir = Path(out_dir)
+        save_png(out_dir / "input.png", input_rgba)
+        code = cli([str(out_dir / "input.png"), "--out", str(out_dir), "--elevation", f"{elevation:g}", *self.args])
+        if code not in (0, None):
+            raise Hi3DError(f"hi3d generate failed for {object_name} (exit {code})")
+        views = next((load_orbit(out_dir / d, load_depth=False) for d in self.views_dirs
+                      if (out_dir / d / "cameras.json").is_file()), None)
+        meshes = sorted(p for suffix in MESH_SUFFIXES for p in out_dir.rglob(f"mesh{suffix}"))
+        return views, (meshes[0] if meshes else None)
+
+
+# name -> factory(cfg, **method_options)
 METHODS: dict[str, Callable[..., Method]] = {
     "folder": lambda cfg, **kw: FolderMethod(kw.get("pred_dir", cfg.pred_dir)),
+    "hi3d": lambda cfg, **kw: GenerateMethod(**kw),
 }
 
 
