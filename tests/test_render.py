@@ -264,3 +264,12 @@ def test_dataset_builder_shards_resumes_and_logs_broken_assets(assets, tmp_path)
     assert (out / "run.json").is_file()
     ids = [json.loads(x)["id"] for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert ids.count("ball") == 1 and ids.count("can") == 2  # redone 'can' listed again, skipped ones not
+
+
+def test_render_configs_load():
+    from pathlib import Path
+
+    from hi3d.config import load_config
+    for path in sorted((Path(__file__).parent.parent / "configs" / "render").glob("*.yaml")):
+        cfg = load_config(RenderConfig, path)
+        assert cfg.num_views == 16 and cfg.radius == 1.5 and cfg.fov == pytest.approx(49.1) and cfg.random_elevation
