@@ -179,3 +179,38 @@ def test_mesh_metrics_identical_and_deterministic(wuson_path):
     a = metrics.mesh_metrics(shifted, w, num_points=5000)
     assert a == metrics.mesh_metrics(shifted, w, num_points=5000)
     assert a["chamfer"] > m["chamfer"] and a["iou"] < 1.0
+
+
+def test_clip_from_local_checkpoint_file(tmp_path, capsys):
+    """The real loading path: an open_clip model config + a checkpoint file on disk (tiny, random)."""
+    import json
+
+    import open_clip
+
+    model, _, _ = _tiny_clip()
+    cfg = {"embed_dim": 16, "vision_cfg": {"layers": 1, "width": 32, "patch_size": 8, "image_size": 32,
+                                           "head_width": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "hi3d-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "hi3d-tiny-clip.json")
+    torch.save(model.state_dict(), tmp_path / "tiny.bin")
+    scorer = metrics.ClipScorer.from_pretrained("hi3d-tiny-clip", tmp_path / "tiny.bin")
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(32, 32, 3, generator=g)
+    ref = metrics.ClipScorer(model, scorer.preprocess).embed_images(img)
+    assert torch.allclose(scorer.embed_images(img), ref, atol=1e-6)
+    # hi3d evaluate clip on an orbit folder against the image
+    from hi3d import cameras
+    from hi3d.data.orbit import Orbit, save_orbit
+    from hi3d.eval.commands import cli as evaluate_cli
+    from hi3d.io import save_png
+
+    c2w, az, el = cameras.orbit_poses(2, 20.0)
+    rgba = torch.cat([torch.stack([img, torch.rand(32, 32, 3, generator=g)]), torch.ones(2, 32, 32, 1)], -1)
+    save_orbit(Orbit(rgba=rgba, c2w=c2w, K=cameras.intrinsics(32, 32).expand(2, 3, 3), azimuth_deg=az,
+                     elevation_deg=el, radius=torch.full((2,), 1.5, dtype=torch.float64)), tmp_path / "views")
+    save_png(tmp_path / "input.png", img)
+    assert evaluate_cli(["clip", "--views", str(tmp_path / "views"), "--image", str(tmp_path / "input.png"),
+                         "--model", "hi3d-tiny-clip", "--weights", str(tmp_path / "tiny.bin")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["per_view"][0] == pytest.approx(1.0, abs=1e-3) and out["per_view"][1] < out["per_view"][0]

@@ -1,4 +1,5 @@
-"""``hi3d evaluate mesh --pred P --gt G`` and ``hi3d evaluate views --pred DIR --gt DIR``: scores as JSON."""
+"""``hi3d evaluate mesh --pred P --gt G``, ``hi3d evaluate views --pred DIR --gt DIR`` and
+``hi3d evaluate clip --views DIR --image I|--prompt T --weights W``: scores printed as JSON."""
 
 from __future__ import annotations
 
@@ -33,6 +34,24 @@ def evaluate_views(args) -> dict:
     return {**out, "views": len(gt), "resolution": gt.height}
 
 
+def evaluate_clip(args) -> dict:
+    from hi3d.data.orbit import load_orbit
+    from hi3d.eval import metrics
+    from hi3d.io import load_png, rgba_on_white
+
+    if (args.image is None) == (args.prompt is None):
+        raise Hi3DError("give exactly one of --image or --prompt")
+    scorer = metrics.ClipScorer.from_pretrained(args.model, args.weights)
+    views = load_orbit(args.views, load_depth=False).rgb_on_white()
+    if args.image is not None:
+        im = load_png(args.image)
+        ref = rgba_on_white(im) if im.shape[-1] == 4 else im[..., :3].expand(*im.shape[:2], 3)
+    else:
+        ref = args.prompt
+    sims = scorer.similarity(ref, views)
+    return {"clip_similarity": float(sims.mean()), "per_view": sims.tolist(), "model": args.model}
+
+
 def cli(argv: list[str]) -> int:
     from hi3d.eval.gso import MESH_FRAMES
     from hi3d.eval.metrics import ALIGN_MODES, DEFAULT_POINTS, IOU_RESOLUTION
@@ -54,10 +73,16 @@ def cli(argv: list[str]) -> int:
     v.add_argument("--gt", required=True, help="orbit folder of ground-truth views (same cameras)")
     v.add_argument("--lpips", default="vgg", help="vgg | alex | none (skip LPIPS)")
     v.add_argument("--lpips-weights", default=None, help="torchvision backbone file (default: torch hub cache)")
+    c = sub.add_parser("clip", help="CLIP similarity of views to an input image or a prompt (no ground truth)")
+    c.add_argument("--views", required=True, help="orbit folder of views")
+    c.add_argument("--image", help="reference image (the input)")
+    c.add_argument("--prompt", help="reference text (text-to-3D)")
+    c.add_argument("--model", default="ViT-B-32", help="open_clip model name")
+    c.add_argument("--weights", required=True, help="local open_clip checkpoint file for --model")
     args = p.parse_args(argv)
-    for key in ("pred", "gt"):
-        if not Path(getattr(args, key)).exists():
+    for key in ("pred", "gt", "views", "image"):
+        if getattr(args, key, None) is not None and not Path(getattr(args, key)).exists():
             raise Hi3DError(f"--{key} not found: {getattr(args, key)}")
-    result = evaluate_mesh(args) if args.what == "mesh" else evaluate_views(args)
+    result = {"mesh": evaluate_mesh, "views": evaluate_views, "clip": evaluate_clip}[args.what](args)
     print(json.dumps(result, indent=2))
     return 0
