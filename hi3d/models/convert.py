@@ -1,0 +1,379 @@
+"""Stability generative-models (sgm) checkpoints -> our diffusers-format folders.
+
+Table-driven: for every parameter of the target diffusers/transformers modules, ``RULES`` (regex on the
+target key -> source key + tensor op) name the sgm key it comes from. A conversion fails with one clear
+error listing target keys without a source; sgm keys that are neither used nor known to be unneeded
+(``IGNORED``) are reported as left over. Stage 2 extends ``RULES``/``IGNORED`` or passes its own tables.
+
+sgm layout (``Stability-AI/generative-models``; Hi3D's release keeps it):
+- ``model.diffusion_model.*``: ``VideoUNet`` (``input_blocks / middle_block / output_blocks``, resnets with
+  ``in_layers/out_layers/emb_layers`` and ``time_stack`` temporal parts, ``SpatialVideoTransformer``
+  attentions with ``time_stack`` temporal blocks, ``label_emb`` = added-time projection);
+- ``first_stage_model.*``: the VAE, LDM ``Encoder`` (``down.i.block.j``, ``mid.block_1/attn_1/block_2``)
+  and either SVD's ``VideoDecoder`` (``time_stack``, ``mix_factor``, ``conv_out.time_mix_conv``) or the
+  plain image ``Decoder`` (Hi3D's released stage 1 uses SVD's image decoder) plus ``quant_conv``s;
+- ``conditioner.embedders.N.open_clip.model.visual.*``: OpenCLIP ViT-H/14 image tower -> transformers
+  ``CLIPVisionModelWithProjection``; other embedders (the VAE copy used for the concat latent, Hi3D's
+  aesthetic-score CLIP, OpenCLIP's unused text leftovers) are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from hi3d.errors import Hi3DError
+
+UNET, VAE, CLIP = "model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.open_clip.model.visual."
+
+# ---- tensor ops: (forward sgm -> ours, inverse ours -> sgm) --------------------------------------------------
+OPS: dict[str, tuple[Callable, Callable]] = {
+    "copy": (lambda t: t, lambda t: t),
+    "squeeze_1x1": (lambda t: t.reshape(t.shape[0], -1) if t.ndim == 4 else t, lambda t: t[:, :, None, None]),
+    "transpose": (lambda t: t.t().contiguous(), lambda t: t.t().contiguous()),
+    "q": (lambda t: t.chunk(3)[0].contiguous(), None),  # in_proj split; inverse concatenates q, k, v
+    "k": (lambda t: t.chunk(3)[1].contiguous(), None),
+    "v": (lambda t: t.chunk(3)[2].contiguous(), None),
+}
+
+# ---- leaf renames (ours -> sgm) -------------------------------------------------------------------------------
+UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+VAE_TEMPORAL = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3"}
+VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _leaf(rest: str, table: dict[str, str]) -> str:
+    for ours, theirs in table.items():
+        if rest.startswith(ours + "."):
+            return theirs + rest[len(ours):]
+    return rest
+
+
+@dataclass
+class Layout:
+    """Numbers the sgm indices depend on: resnets per UNet block, UNet blocks with attention, VAE levels."""
+    unet_layers: int = 2
+    unet_attn_blocks: tuple[bool, ...] = (True, True, True, False)  # down blocks with cross-attention
+    vae_levels: int = 4
+
+
+def _unet_resnet(prefix: str, part: str, rest: str) -> str:
+    if part == "spatial_res_block":
+        return f"{prefix}.{_leaf(rest, UNET_RESNET)}"
+    if part == "temporal_res_block":
+        return f"{prefix}.time_stack.{_leaf(rest, UNET_RESNET)}"
+    return f"{prefix}.time_mixer.{rest}"
+
+
+def _unet_attn(prefix: str, rest: str) -> str:
+    rest = rest.replace("temporal_transformer_blocks.", "time_stack.")
+    rest = rest.replace("time_pos_embed.linear_1", "time_pos_embed.0").replace("time_pos_embed.linear_2", "time_pos_embed.2")
+    return f"{prefix}.{rest}"
+
+
+def _unet_rules(lay: Layout) -> list[tuple[str, Callable[..., str]]]:
+    L = lay.unet_layers
+    up_attn = lay.unet_attn_blocks[::-1]
+    return [
+        (r"conv_in\.(.*)", lambda r: f"input_blocks.0.0.{r}"),
+        (r"time_embedding\.linear_([12])\.(.*)", lambda i, r: f"time_embed.{2 * int(i) - 2}.{r}"),
+        (r"add_embedding\.linear_([12])\.(.*)", lambda i, r: f"label_emb.0.{2 * int(i) - 2}.{r}"),
+        (r"down_blocks\.(\d+)\.resnets\.(\d+)\.(spatial_res_block|temporal_res_block|time_mixer)\.(.*)",
+         lambda b, l, part, r: _unet_resnet(f"input_blocks.{1 + int(b) * (L + 1) + int(l)}.0", part, r)),
+        (r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)",
+         lambda b, l, r: _unet_attn(f"input_blocks.{1 + int(b) * (L + 1) + int(l)}.1", r)),
+        (r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", lambda b, r: f"input_blocks.{(int(b) + 1) * (L + 1)}.0.op.{r}"),
+        (r"mid_block\.resnets\.(\d+)\.(spatial_res_block|temporal_res_block|time_mixer)\.(.*)",
+         lambda i, part, r: _unet_resnet(f"middle_block.{2 * int(i)}", part, r)),
+        (r"mid_block\.attentions\.0\.(.*)", lambda r: _unet_attn("middle_block.1", r)),
+        (r"up_blocks\.(\d+)\.resnets\.(\d+)\.(spatial_res_block|temporal_res_block|time_mixer)\.(.*)",
+         lambda b, l, part, r: _unet_resnet(f"output_blocks.{int(b) * (L + 1) + int(l)}.0", part, r)),
+        (r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)",
+         lambda b, l, r: _unet_attn(f"output_blocks.{int(b) * (L + 1) + int(l)}.1", r)),
+        (r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)",
+         lambda b, r: f"output_blocks.{int(b) * (L + 1) + L}.{2 if up_attn[int(b)] else 1}.conv.{r}"),
+        (r"conv_norm_out\.(.*)", lambda r: f"out.0.{r}"),
+        (r"conv_out\.(.*)", lambda r: f"out.2.{r}"),
+    ]
+
+
+def _vae_resnet(prefix: str, rest: str) -> str:
+    """VAE resnet (plain ``ResnetBlock2D`` or ``SpatioTemporalResBlock``) -> sgm (``ResnetBlock``/``VideoResBlock``)."""
+    if rest.startswith("spatial_res_block."):
+        rest = rest[len("spatial_res_block."):]
+    elif rest.startswith("temporal_res_block."):
+        return f"{prefix}.time_stack.{_leaf(rest[len('temporal_res_block.'):], VAE_TEMPORAL)}"
+    elif rest.startswith("time_mixer."):
+        return f"{prefix}.{rest[len('time_mixer.'):]}"
+    return f"{prefix}.{rest.replace('conv_shortcut.', 'nin_shortcut.')}"
+
+
+def _vae_rules(lay: Layout) -> list[tuple[str, Callable[..., str]]]:
+    n = lay.vae_levels
+    return [
+        (r"(encoder|decoder)\.conv_in\.(.*)", lambda e, r: f"{e}.conv_in.{r}"),
+        (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", lambda i, j, r: _vae_resnet(f"encoder.down.{i}.block.{j}", r)),
+        (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", lambda i, r: f"encoder.down.{i}.downsample.conv.{r}"),
+        (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)",
+         lambda i, j, r: _vae_resnet(f"decoder.up.{n - 1 - int(i)}.block.{j}", r)),
+        (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", lambda i, r: f"decoder.up.{n - 1 - int(i)}.upsample.conv.{r}"),
+        (r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.*)",
+         lambda e, i, r: _vae_resnet(f"{e}.mid.block_{int(i) + 1}", r)),
+        (r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)", lambda e, r: f"{e}.mid.attn_1.{_leaf(r, VAE_ATTN)}"),
+        (r"(encoder|decoder)\.conv_norm_out\.(.*)", lambda e, r: f"{e}.norm_out.{r}"),
+        (r"decoder\.time_conv_out\.(.*)", lambda r: f"decoder.conv_out.time_mix_conv.{r}"),
+        (r"(encoder|decoder)\.conv_out\.(.*)", lambda e, r: f"{e}.conv_out.{r}"),
+        (r"(quant_conv|post_quant_conv)\.(.*)", lambda q, r: f"{q}.{r}"),
+    ]
+
+
+def _clip_rules() -> list[tuple[str, Callable[..., str]]]:
+    enc = r"vision_model\.encoder\.layers\.(\d+)\."
+    mlp = {"fc1": "c_fc", "fc2": "c_proj"}
+    return [
+        (r"vision_model\.embeddings\.class_embedding", lambda: "class_embedding"),
+        (r"vision_model\.embeddings\.position_embedding\.weight", lambda: "positional_embedding"),
+        (r"vision_model\.embeddings\.patch_embedding\.weight", lambda: "conv1.weight"),
+        (r"vision_model\.pre_layrnorm\.(.*)", lambda r: f"ln_pre.{r}"),
+        (r"vision_model\.post_layernorm\.(.*)", lambda r: f"ln_post.{r}"),
+        (enc + r"layer_norm([12])\.(.*)", lambda i, j, r: f"transformer.resblocks.{i}.ln_{j}.{r}"),
+        (enc + r"self_attn\.([qkv])_proj\.(weight|bias)",
+         lambda i, p, w: f"transformer.resblocks.{i}.attn.in_proj_{w}"),
+        (enc + r"self_attn\.out_proj\.(.*)", lambda i, r: f"transformer.resblocks.{i}.attn.out_proj.{r}"),
+        (enc + r"mlp\.(fc[12])\.(.*)", lambda i, f, r: f"transformer.resblocks.{i}.mlp.{mlp[f]}.{r}"),
+        (r"visual_projection\.weight", lambda: "proj"),
+    ]
+
+
+def _op(module: str, key: str, source: str) -> str:
+    if module == "image_encoder":
+        m = re.search(r"self_attn\.([qkv])_proj", key)
+        if m:
+            return m.group(1)
+        return "transpose" if key == "visual_projection.weight" else "copy"
+    if module == "vae" and ".attn_1." in source and source.endswith(".weight") and not source.endswith("norm.weight"):
+        return "squeeze_1x1"
+    return "copy"
+
+
+PREFIXES = {"unet": UNET, "vae": VAE, "image_encoder": CLIP}
+
+# sgm keys that are known and not needed (regexes on the full key)
+IGNORED = [
+    r"conditioner\.embedders\.\d+\.open_clip\.model\.(?!visual\.)",  # OpenCLIP text-side leftovers
+    r"conditioner\.embedders\.\d+\.encoder\.",  # VAE copy encoding the concat latent (same weights)
+    r"conditioner\.embedders\.\d+\.(aesthetic_model|aesthetic_mlp)\.",  # Hi3D's aesthetic-score embedder
+    r"model_ema\.",  # EMA copies when not converting the EMA weights
+    r"first_stage_model\.loss\.", r"denoiser\.", r"sampler\.", r"loss_fn\.",
+]
+
+
+def key_map(modules: dict[str, torch.nn.Module], layout: Layout) -> dict[str, tuple[str, str]]:
+    """``{"unet.<key>": (sgm key, op)}`` for every parameter/buffer of ``modules`` (keys ``unet``, ``vae``,
+    ``image_encoder``). Raises ``Hi3DError`` naming any target key that no rule covers."""
+    rules = {"unet": _unet_rules(layout), "vae": _vae_rules(layout), "image_encoder": _clip_rules()}
+    out, unmatched = {}, []
+    for name, module in modules.items():
+        for key in module.state_dict():
+            if key.endswith("position_ids"):  # transformers buffer, not a weight
+                continue
+            for pattern, fn in rules[name]:
+                m = re.fullmatch(pattern, key)
+                if m:
+                    src = PREFIXES[name] + fn(*m.groups())
+                    out[f"{name}.{key}"] = (src, _op(name, key, src))
+                    break
+            else:
+                unmatched.append(f"{name}.{key}")
+    if unmatched:
+        raise Hi3DError(f"no conversion rule for {len(unmatched)} keys, e.g. {unmatched[:5]}")
+    return out
+
+
+def layout_of(unet, vae) -> Layout:
+    return Layout(unet_layers=unet.config.layers_per_block if isinstance(unet.config.layers_per_block, int)
+                  else unet.config.layers_per_block[0],
+                  unet_attn_blocks=tuple("CrossAttn" in t for t in unet.config.down_block_types),
+                  vae_levels=len(vae.config.block_out_channels))
+
+
+def ema_key(key: str) -> str:
+    """sgm ``LitEma`` name of a ``model.diffusion_model.*`` parameter: ``model_ema.`` + name without dots."""
+    return "model_ema." + key[len("model."):].replace(".", "")
+
+
+@dataclass
+class ConversionReport:
+    mapped: int
+    leftover: list[str]
+    ignored: int
+    filled: list[str]  # targets set to a default because the checkpoint has no such tensor (quant convs)
+
+
+def convert_state_dict(sd: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module], use_ema: bool = False,
+                       layout: Layout | None = None) -> ConversionReport:
+    """Load the sgm state dict ``sd`` into ``modules`` (in place, strict shapes). Returns what was mapped,
+    ignored and left over. The VAE's ``quant_conv`` comes from ``first_stage_model.quant_conv`` if present,
+    else from the concat-latent encoder copy in the conditioner, else identity (SVD's first stage has none)."""
+    layout = layout or layout_of(modules["unet"], modules["vae"])
+    kmap = key_map(modules, layout)
+    used, missing, filled = set(), [], []
+    targets: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
+    for target, (src, op) in kmap.items():
+        name, key = target.split(".", 1)
+        if use_ema and src.startswith(UNET) and ema_key(src) in sd:
+            src = ema_key(src)
+        if src not in sd and key.split(".")[0] in ("quant_conv", "post_quant_conv"):
+            alt = [k for k in sd if re.fullmatch(rf"conditioner\.embedders\.\d+\.encoder\.{re.escape(key)}", k)]
+            if alt:
+                src = alt[0]
+            else:
+                p = dict(modules[name].named_parameters())[key]
+                targets[name][key] = (torch.eye(p.shape[0]).reshape(p.shape) if key.endswith("weight")
+                                      else torch.zeros(p.shape))
+                filled.append(target)
+                continue
+        if src not in sd:
+            missing.append(f"{target} <- {src}")
+            continue
+        used.add(src)
+        targets[name][key] = OPS[op][0](sd[src])
+    if missing:
+        raise Hi3DError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:4]} — is it a "
+                        "stage-1 (SVD-based) generative-models checkpoint matching the configs?")
+    for name, module in modules.items():
+        try:
+            module.load_state_dict(targets[name], strict=False, assign=True)
+        except RuntimeError as e:
+            raise Hi3DError(f"checkpoint does not fit the {name} config: {str(e).splitlines()[1:3]}") from None
+    ignored = [k for k in sd if k not in used and any(re.match(p, k) for p in IGNORED)]
+    leftover = sorted(k for k in sd if k not in used and k not in set(ignored))
+    return ConversionReport(len(used), leftover, len(ignored), filled)
+
+
+def to_sgm(modules: dict[str, torch.nn.Module], layout: Layout | None = None) -> dict[str, torch.Tensor]:
+    """Inverse of ``convert_state_dict`` (for tests and round trips): our modules -> sgm state dict."""
+    layout = layout or layout_of(modules["unet"], modules["vae"])
+    sd: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    states = {name: m.state_dict() for name, m in modules.items()}
+    for target, (src, op) in key_map(modules, layout).items():
+        name, key = target.split(".", 1)
+        t = states[name][key].detach().clone()
+        if op in ("q", "k", "v"):
+            qkv.setdefault(src, {})[op] = t
+        else:
+            sd[src] = OPS[op][1](t)
+    for src, parts in qkv.items():
+        sd[src] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return sd
+
+
+def read_checkpoint(path: str | Path, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """``.safetensors``, Lightning ``.ckpt`` (``state_dict``) or DeepSpeed ``.pt`` (``module``, ``module.``
+    prefixes, as Hi3D's release) -> flat state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise Hi3DError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
+    except Exception as e:  # pickle with non-tensor objects
+        raise Hi3DError(f"cannot read {path} with weights_only=True ({str(e).splitlines()[0][:120]}); if you trust "
+                        "the file, re-run with --unsafe-pickle") from None
+    for k in ("state_dict", "module"):
+        if isinstance(raw, dict) and k in raw and isinstance(raw[k], dict):
+            raw = raw[k]
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in raw.items()
+            if isinstance(v, torch.Tensor)}
+
+
+def build_modules(config_dir: str | Path, vae_kind: str, meta: bool = True) -> dict[str, torch.nn.Module]:
+    """Empty (meta-device) UNet, VAE and CLIP from ``unet.json``, ``vae.json`` (or ``vae_image_decoder.json``
+    when ``vae_kind == "image"``) and ``image_encoder.json`` in ``config_dir``."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    d = Path(config_dir)
+    read = lambda n: {k: v for k, v in json.loads((d / n).read_text()).items() if not k.startswith("_")}
+    ctx = init_empty_weights() if meta else torch.device("cpu")
+    with ctx:
+        unet = UNetSpatioTemporalConditionModel.from_config(read("unet.json"))
+        vae = (AutoencoderKL.from_config(read("vae_image_decoder.json")) if vae_kind == "image"
+               else AutoencoderKLTemporalDecoder.from_config(read("vae.json")))
+        clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**read("image_encoder.json")))
+    return {"unet": unet, "vae": vae, "image_encoder": clip}
+
+
+def vae_kind_of(sd: dict[str, torch.Tensor]) -> str:
+    """``"video"`` when the first stage has SVD's temporal decoder, else ``"image"``."""
+    return "video" if any(k.startswith(VAE + "decoder.") and ".time_stack." in k for k in sd) else "image"
+
+
+def default_config_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "configs" / "stage1"
+
+
+def convert_stage1(checkpoint: str | Path, out: str | Path, config_dir: str | Path | None = None,
+                   use_ema: bool = False, unsafe_pickle: bool = False, allow_leftover: bool = False,
+                   sd: dict[str, torch.Tensor] | None = None, modules: dict[str, torch.nn.Module] | None = None):
+    """Official Hi3D stage-1 checkpoint -> ``OrbitPipeline`` folder ``out`` (unet/ vae/ image_encoder/
+    feature_extractor/ hi3d_pipeline.json). ``sd``/``modules`` may be given directly (tests)."""
+    from transformers import CLIPImageProcessor
+
+    from hi3d.models.stage1 import Stage1Config
+    from hi3d.pipelines.orbit import OrbitPipeline
+
+    config_dir = Path(config_dir or default_config_dir())
+    sd = read_checkpoint(checkpoint, unsafe_pickle) if sd is None else sd
+    if not any(k.startswith(UNET) for k in sd):
+        raise Hi3DError(f"{checkpoint}: no '{UNET}*' keys — not a generative-models (sgm) diffusion checkpoint")
+    modules = modules or build_modules(config_dir, vae_kind_of(sd))
+    report = convert_state_dict(sd, modules, use_ema=use_ema)
+    if report.leftover and not allow_leftover:
+        raise Hi3DError(f"{len(report.leftover)} checkpoint tensors were not converted, e.g. {report.leftover[:5]}; "
+                        "check the configs in " + str(config_dir) + " or pass --allow-leftover")
+    fe_cfg = {k: v for k, v in json.loads((config_dir / "feature_extractor.json").read_text()).items()
+              if not k.startswith("_")} if (config_dir / "feature_extractor.json").is_file() else {}
+    unet = modules["unet"]
+    cfg = Stage1Config(num_frames=unet.config.num_frames, resolution=8 * (unet.config.sample_size or 64))
+    OrbitPipeline(unet, modules["vae"], modules["image_encoder"].eval(), CLIPImageProcessor(**fe_cfg),
+                  cfg).save_pretrained(out)
+    return report
+
+
+def cli(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from hi3d.provenance import RunRecord
+
+    ap = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n")[0])
+    ap.add_argument("checkpoint", help="official stage-1 checkpoint (.pt DeepSpeed, .ckpt or .safetensors)")
+    ap.add_argument("--out", required=True, help="output folder (diffusers format, loadable by OrbitPipeline)")
+    ap.add_argument("--config-dir", default=None, help="folder with unet.json, vae*.json, image_encoder.json "
+                    "(default configs/stage1)")
+    ap.add_argument("--ema", action="store_true", help="convert the EMA weights of the UNet when present")
+    ap.add_argument("--unsafe-pickle", action="store_true", help="allow full pickle loading (trusted files only)")
+    ap.add_argument("--allow-leftover", action="store_true", help="do not fail on unconverted tensors")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    rec = RunRecord(out, "convert_checkpoint", config=vars(args), seed=None, device=torch.device("cpu"))
+    with rec.stage("convert") as entry:
+        report = convert_stage1(args.checkpoint, out, args.config_dir, args.ema, args.unsafe_pickle,
+                                args.allow_leftover)
+        entry.update(mapped=report.mapped, ignored=report.ignored, leftover=report.leftover, filled=report.filled)
+    rec.add_weights(out)  # run.json is rewritten after save_pretrained swapped the folder in
+    rec.finish()
+    print(f"converted {report.mapped} tensors ({report.ignored} known-unneeded ignored, {len(report.leftover)} "
+          f"left over, defaults for {report.filled or 'none'}) -> {out}")
+    return 0
