@@ -1,5 +1,6 @@
 import dataclasses
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,7 @@ def orbit_root(tmp_path_factory) -> Path:
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve string annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 

@@ -64,7 +64,7 @@ def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("orbits")
     for k in range(5):
         save_orbit(synthetic_orbit(8, 16, 16, elevation=5.0 * k, tag=k), root / f"obj{k}", sheet=False)
-    return OrbitDataset(DataConfig(root=str(root), resolution=16, num_frames=2, seed=0))
+    return OrbitDataset(DataConfig(root=str(root), resolution=16, num_frames=2, rotate=True, seed=0))
 
 
 def tiny_cfg(out: Path, **kw) -> TrainConfig:
@@ -158,3 +158,105 @@ def test_crash_mid_checkpoint_keeps_previous_checkpoint(dataset, initial_state, 
     assert resumed.step == 4 and len(resumed.losses) == 2 and not partial.exists()
     reference = train(dataclasses.replace(cfg, output_dir=str(tmp_path / "ref")), StandInTask(initial_state), dataset)
     assert_same_weights(weights(reference), weights(resumed))
+
+
+# ---------------------------------------------------------------------------------------------------
+# scripts/train_stage1.py with the real stage-1 task (tiny components)
+# ---------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def stage1_script():
+    from test_datasets import load_script
+
+    return load_script("train_stage1")
+
+
+def test_stage1_configs_give_the_paper_recipe():
+    from hi3d.config import load_config
+    from omegaconf import OmegaConf
+
+    script = stage1_script()
+    paper = load_config(script.Stage1TrainConfig, ROOT / "configs/stage1/paper.yaml")
+    t = paper.train
+    assert (t.steps, t.lr, paper.model.resolution, paper.model.num_frames) == (80000, 1e-5, 512, 16)
+    assert (paper.data.resolution, paper.data.num_frames) == (512, 16)
+    assert t.mixed_precision == "bf16" and t.gradient_checkpointing and t.ema_decay > 0
+    assert paper.model.slots == ["constant", "elevation", "noise_aug"] and not paper.model.tiny.enabled
+    one = OmegaConf.load(ROOT / "configs/accelerate/1node_8gpu.yaml")
+    assert t.batch_size * one.num_processes * t.grad_accum == 16
+    two = OmegaConf.load(ROOT / "configs/accelerate/2node_16gpu_zero2.yaml")
+    assert 1 * two.num_processes * t.grad_accum == 16 and two.num_machines == 2  # with train.batch_size=1
+    assert (ROOT / two.deepspeed_config.deepspeed_config_file).is_file()
+    tiny = load_config(script.Stage1TrainConfig, ROOT / "configs/stage1/tiny_cpu.yaml")
+    assert tiny.model.tiny.enabled and tiny.model.resolution <= 64 and tiny.model.num_frames <= 4
+
+
+def test_stage1_script_reports_config_errors(dataset, capsys):
+    script = stage1_script()
+    tiny = str(ROOT / "configs/stage1/tiny_cpu.yaml")
+    assert script.main(["--config", tiny, f"data.root={dataset.cfg.root}", "data.resolution=48"]) == 2
+    assert "data.resolution (48) differs from model.resolution (32)" in capsys.readouterr().err
+    assert script.main(["--config", tiny, "train.stepz=3"]) == 2
+    assert "did you mean 'train.steps'" in capsys.readouterr().err
+    assert script.main(["--config", tiny, "data.root=/nonexistent/orbits"]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def stage1_overrides(root, out, **kw):
+    base = {"data.root": root, "train.output_dir": out, "model.resolution": 16, "data.resolution": 16,
+            "model.num_frames": 2, "data.num_frames": 2, "model.num_inference_steps": 2, "train.batch_size": 1,
+            "train.checkpoint_every": 2, "train.validate_every": 0, "val_objects": 0, "train.log_object_ids": True}
+    return [f"{k}={v}" for k, v in {**base, **kw}.items()]
+
+
+@pytest.mark.slow  # ~1 min on an idle 2-core CPU (several under load)
+def test_stage1_resume_equals_uninterrupted(dataset, tmp_path):
+    from hi3d.config import load_config
+    from hi3d.data.datasets import build_dataset
+    from hi3d.models.stage1 import Stage1Task
+
+    script = stage1_script()
+    tiny = ROOT / "configs/stage1/tiny_cpu.yaml"
+
+    def run(out, steps, resume=False):
+        cfg = load_config(script.Stage1TrainConfig, tiny, stage1_overrides(
+            dataset.cfg.root, out, **{"train.steps": steps, "train.resume": resume}))
+        return train(cfg.train, Stage1Task(cfg.model), build_dataset(cfg.data), record_config=cfg)
+
+    full = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    resumed = run(tmp_path / "b", 4, resume=True)
+    assert resumed.step == 4 and len(resumed.losses) == 2
+    assert_same_weights(weights(full), weights(resumed))
+    for p, q in zip(full.ema.shadow_params, resumed.ema.shadow_params):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    assert full.losses[2:] == pytest.approx(resumed.losses, abs=1e-6)
+
+
+@pytest.mark.slow  # ~20 s on an idle 2-core CPU, > 60 s under load
+def test_two_process_accelerate_launch_sees_different_data(dataset, tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` with ACCELERATE_USE_CPU=1: two gloo processes on
+    the CPU (``--cpu --num_processes 2`` alone starts one process unless MPI is installed)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(ROOT / "scripts/train_stage1.py"), "--config", str(ROOT / "configs/stage1/tiny_cpu.yaml"),
+           *stage1_overrides(dataset.cfg.root, out, **{"train.steps": 3, "train.checkpoint_every": 3})]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = [dict(line.split("\t") for line in (out / "object_ids" / f"rank{r}.txt").read_text().splitlines())
+            for r in range(2)]
+    assert logs[0].keys() == logs[1].keys() == {"0", "1", "2"}
+    assert all(logs[0][s] != logs[1][s] for s in logs[0])  # each step: the two processes got different objects
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    ckpt = latest_checkpoint(out)
+    assert ckpt.name == "step-00000003" and {"train_state_0.pt", "train_state_1.pt"} <= {p.name for p in ckpt.iterdir()}
+    assert (out / "final" / "unet" / "config.json").is_file()

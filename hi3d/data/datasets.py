@@ -51,8 +51,9 @@ class DataConfig:
     """``folders``, ``shards`` or ``auto`` (shards if ``root`` holds ``*.tar`` files)."""
     resolution: int = 512
     num_frames: int = 16
-    rotate: bool = True
-    """Draw which orbit view is frame 0 (seeded, per object and epoch); orbit order is kept."""
+    rotate: bool = False
+    """Augmentation (not in the paper, whose input is the first rendered view): draw which orbit view is
+    frame 0 (seeded, per object and epoch); the orbit order and even spacing are kept."""
     seed: int = 0
     shuffle_buffer: int = 64
     """Shards only: size of the seeded shuffle buffer (objects)."""

@@ -65,7 +65,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 disables."""
     mixed_precision: str = "no"
-    """no | fp16 | bf16 (an ``accelerate launch --mixed_precision`` flag overrides it)."""
+    """no | fp16 | bf16 (passed to the Accelerator: takes precedence over the accelerate config)."""
     gradient_checkpointing: bool = False
     ema_decay: float = 0.9999
     """EMA of the trained weights (diffusers EMAModel, warm-up (1+t)/(10+t)); 0 disables."""
