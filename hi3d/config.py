@@ -20,11 +20,15 @@ T = TypeVar("T")
 
 
 def _valid_keys(schema: type, prefix: str = "") -> list[str]:
+    import typing
+
     keys = []
+    hints = typing.get_type_hints(schema)  # resolves string annotations (``from __future__ import annotations``)
     for f in dataclasses.fields(schema):
         keys.append(prefix + f.name)
-        if isinstance(f.type, type) and dataclasses.is_dataclass(f.type):
-            keys += _valid_keys(f.type, prefix + f.name + ".")
+        t = hints.get(f.name, f.type)
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
+            keys += _valid_keys(t, prefix + f.name + ".")
     return keys
 
 
