@@ -273,3 +273,18 @@ def test_render_configs_load():
     for path in sorted((Path(__file__).parent.parent / "configs" / "render").glob("*.yaml")):
         cfg = load_config(RenderConfig, path)
         assert cfg.num_views == 16 and cfg.radius == 1.5 and cfg.fov == pytest.approx(49.1) and cfg.random_elevation
+
+
+def test_missing_gl_library_is_one_clear_line(tmp_path, bunny_path):
+    import ctypes.util
+    import os
+    import subprocess
+    import sys
+
+    if ctypes.util.find_library("OSMesa"):
+        pytest.skip("OSMesa is installed: cannot simulate a missing GL library with it")
+    env = {**os.environ, "PYOPENGL_PLATFORM": "osmesa"}
+    p = subprocess.run([sys.executable, "-m", "hi3d.cli", "render-orbit", str(bunny_path), "--out", str(tmp_path / "o")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    assert "apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri" in p.stderr and not (tmp_path / "o").exists()

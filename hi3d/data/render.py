@@ -75,7 +75,8 @@ def _pyrender():
     try:
         import pyrender
     except Exception as e:  # ImportError, or OpenGL failing to find libEGL
-        raise Hi3DError(f"cannot load the headless renderer (pyrender on EGL): {type(e).__name__}: {e}; "
+        raise Hi3DError(f"cannot load the headless renderer (pyrender on PYOPENGL_PLATFORM="
+                        f"{os.environ['PYOPENGL_PLATFORM']}): {type(e).__name__}: {e}; "
                         f"install EGL/Mesa with: apt-get install {EGL_PACKAGES}") from None
     return pyrender
 
@@ -308,6 +309,7 @@ def cli(argv: list[str]) -> int:
     if cfg.num_views < 1 or cfg.resolution < 1 or cfg.radius <= 0 or not 0 < cfg.fov < 180:
         raise Hi3DError("render-orbit: need num_views >= 1, resolution >= 1, radius > 0 and 0 < fov < 180")
     scene, normalization = load_mesh(args.mesh)  # bad files fail here, before anything is written
+    _Renderer.get(cfg.resolution, cfg.resolution)  # so does a missing EGL
     out = Path(args.out)
     rec = RunRecord(out, "render-orbit", config=cfg, seed=cfg.seed)
     write_bytes(out / "config.yaml", to_yaml(cfg).encode())
