@@ -263,6 +263,7 @@ def render_orbit(mesh_path: str | Path | trimesh.Scene, cfg: RenderConfig, norma
                          shading=cfg.shading, ambient=cfg.ambient, with_depth=cfg.depth)
     orbit.azimuth_deg, orbit.elevation_deg = az, el
     orbit.radius = torch.full((cfg.num_views,), float(cfg.radius), dtype=torch.float64)
+    orbit.meta.update(renderer="pyrender-egl", shading=cfg.shading, ambient=cfg.ambient, fov_deg=cfg.fov)
     if not cfg.normals:
         orbit.normal = None
     return orbit
@@ -315,6 +316,7 @@ def cli(argv: list[str]) -> int:
     write_bytes(out / "config.yaml", to_yaml(cfg).encode())
     with rec.stage("render") as entry:
         orbit = render_orbit(scene, cfg, normalization)
+        orbit.meta["mesh"] = str(args.mesh)
         entry["views"] = len(orbit)
     with rec.stage("save"):
         save_orbit(orbit, out, sheet=cfg.contact_sheet)
