@@ -156,6 +156,8 @@ def test_first_samples_and_errors(orbit_root, shard_root, tmp_path):
     assert batch["frames"].shape == (2, 2, 3, 8, 8) and batch["object_id"] == ["obj0", "obj1"]
     sb = first_samples(ShardOrbitDataset(dataclasses.replace(cfg, root=str(shard_root))), 2)
     assert sb["frames"].shape == (2, 2, 3, 8, 8) and torch.all(sb["azimuth"][:, 0] == 0)
+    with pytest.raises(Hi3DError, match="data.root is not set"):
+        build_dataset(DataConfig())
     with pytest.raises(Hi3DError, match="no orbit folders"):
         OrbitDataset(DataConfig(root=str(tmp_path)))
     with pytest.raises(Hi3DError, match="not a folder"):

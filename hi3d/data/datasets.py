@@ -108,6 +108,12 @@ def make_sample(rgba: torch.Tensor, frames_meta: list[dict], object_id: str, cfg
     }
 
 
+def data_root(cfg: DataConfig) -> Path:
+    if not cfg.root:
+        raise Hi3DError("data.root is not set (give data.root=FOLDER of rendered orbits or tar shards)")
+    return Path(cfg.root)
+
+
 def find_orbits(root: str | Path) -> list[Path]:
     """Orbit folders (holding ``cameras.json``) under ``root``, sorted; clear error if none."""
     root = Path(root)
@@ -125,7 +131,7 @@ class OrbitDataset(Dataset):
 
     def __init__(self, cfg: DataConfig, folders: list[Path] | None = None):
         self.cfg = cfg
-        root = Path(cfg.root)
+        root = data_root(cfg) if folders is None else Path(cfg.root)
         self.folders = folders if folders is not None else find_orbits(root)
         self.ids = [object_id(p, root) for p in self.folders]
 
@@ -212,7 +218,7 @@ class ShardOrbitDataset(IterableDataset):
 
     def __init__(self, cfg: DataConfig, shards: list[Path] | None = None):
         self.cfg = cfg
-        self.shards = shards if shards is not None else sorted(Path(cfg.root).glob("*.tar"))
+        self.shards = shards if shards is not None else sorted(data_root(cfg).glob("*.tar"))
         if not self.shards:
             raise Hi3DError(f"no *.tar shards in {cfg.root}; write them with scripts/make_shards.py")
         self.rank, self.world = 0, 1
@@ -271,6 +277,7 @@ class ShardOrbitDataset(IterableDataset):
 def build_dataset(cfg: DataConfig) -> OrbitDataset | ShardOrbitDataset:
     """The dataset ``cfg.format`` names (``auto``: shards if ``cfg.root`` holds ``*.tar`` files)."""
     fmt = cfg.format
+    data_root(cfg)
     if fmt == "auto":
         fmt = "shards" if Path(cfg.root).is_dir() and any(Path(cfg.root).glob("*.tar")) else "folders"
     if fmt == "folders":
