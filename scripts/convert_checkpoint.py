@@ -2,6 +2,8 @@
 folder loadable by ``hi3d.pipelines.orbit.OrbitPipeline.from_pretrained``.
 
     python scripts/convert_checkpoint.py ckpts/first_stage.pt --out weights/hi3d-stage1 [--ema]
+    python scripts/convert_checkpoint.py --stage 2 ckpts/second_stage.pt --out weights/hi3d-stage2 \
+        --depth weights/dpt-hybrid-midas     (stage 2: ``hi3d/models/convert_stage2.py``, configs/stage2/unet.json)
 
 Logic and key tables: ``hi3d/models/convert.py``; architecture configs: ``configs/stage1/*.json``.
 """
@@ -13,7 +15,12 @@ from hi3d.models.convert import cli
 
 if __name__ == "__main__":
     try:
-        sys.exit(cli(sys.argv[1:]))
+        argv = sys.argv[1:]
+        if argv[:2] == ["--stage", "2"]:
+            from hi3d.models.convert_stage2 import cli as cli_stage2
+
+            sys.exit(cli_stage2(argv[2:]))
+        sys.exit(cli(argv[2:] if argv[:2] == ["--stage", "1"] else argv))
     except Hi3DError as e:
         print(f"convert_checkpoint: error: {e}", file=sys.stderr)
         sys.exit(2)
