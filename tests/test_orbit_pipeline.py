@@ -51,6 +51,9 @@ def test_frame0_is_input_and_cameras(pipe):
     _, el, r = cameras.azimuth_elevation_radius(out.c2w)
     assert torch.allclose(el, torch.full((3,), 20.0, dtype=torch.float64)) and torch.allclose(r, torch.full((3,), 1.5, dtype=torch.float64))
     assert torch.allclose(out.K, cameras.intrinsics(32, 32))
+    orbit = out.to_orbit(0)
+    assert orbit.rgba.shape == (3, 32, 32, 4) and torch.equal(orbit.rgba[0, ..., :3], out.image.permute(1, 2, 0))
+    assert torch.allclose(orbit.radius, torch.full((3,), 1.5, dtype=torch.float64))
 
 
 def test_seeds_determine_frames(pipe):

@@ -127,6 +127,9 @@ def test_load_svd_folder_adapts_slots(comps, tmp_path):
     comps.feature_extractor.save_pretrained(svd / "feature_extractor")
     same = load_stage1(svd, tiny_cfg())
     assert torch.equal(same.unet.add_embedding.linear_1.weight, comps.unet.add_embedding.linear_1.weight)
+    by_name = load_stage1(svd, tiny_cfg(time_ids_init="by_name")).unet.add_embedding.linear_1.weight
+    old = comps.unet.add_embedding.linear_1.weight
+    assert by_name[:, :512].abs().max() == 0 and torch.equal(by_name[:, 512:], old[:, 512:])
     two = load_stage1(svd, tiny_cfg(slots=["elevation", "noise_aug"]))
     assert two.unet.add_embedding.linear_1.in_features == 512
     assert torch.equal(two.unet.add_embedding.linear_1.weight[:, 256:],

@@ -52,21 +52,25 @@ def added_time_ids(slots: Sequence[str], elevation: torch.Tensor, noise_aug: tor
     return torch.stack([values[s] for s in slots], dim=1)
 
 
-def adapt_added_time_projection(unet, source_slots: Sequence[str], target_slots: Sequence[str]) -> None:
+def adapt_added_time_projection(unet, source_slots: Sequence[str], target_slots: Sequence[str],
+                                mode: str = "keep") -> None:
     """Re-create ``unet.add_embedding.linear_1`` for ``target_slots`` (in place, config updated).
 
-    Columns of slots present in both layouts are copied from the source weights (e.g. SVD's noise-aug
-    slot); new slots get zero columns, so at initialisation they do not change the network's output.
-    A layout equal in size to the source keeps all weights (the released Hi3D recipe fine-tunes SVD's
-    projection for its three slots).
+    ``mode="by_name"``: columns of slots present in both layouts are copied from the source weights (e.g.
+    SVD's noise-aug slot); new slots get zero columns, so at initialisation they do not change the output.
+    ``mode="keep"`` (default): as ``by_name``, except that a layout of the source's size keeps all weights
+    position by position (the released Hi3D recipe loads SVD's 768-wide projection for its three slots and
+    fine-tunes it).
     """
+    if mode not in ("keep", "by_name"):
+        raise ConfigError(f"time_ids_init must be 'keep' or 'by_name', not '{mode}'")
     check_slots(target_slots)
     old = unet.add_embedding.linear_1
     d = unet.config.addition_time_embed_dim
     if old.in_features != d * len(source_slots):
         raise ConfigError(f"UNet add_embedding takes {old.in_features} features, not {d}·{len(source_slots)} "
                           f"for slots {list(source_slots)}")
-    if len(target_slots) == len(source_slots):
+    if list(target_slots) == list(source_slots) or (mode == "keep" and len(target_slots) == len(source_slots)):
         unet.register_to_config(projection_class_embeddings_input_dim=d * len(target_slots))
         return
     new = torch.nn.Linear(d * len(target_slots), old.out_features, device=old.weight.device, dtype=old.weight.dtype)

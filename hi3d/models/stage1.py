@@ -49,6 +49,7 @@ class Stage1Config:
     resolution: int = 512
     slots: list[str] = dataclasses.field(default_factory=lambda: ["constant", "elevation", "noise_aug"])
     constant_value: float = 0.0  # id of the "constant" slot (the release put an aesthetic score here)
+    time_ids_init: str = "keep"  # from SVD: "keep" its 3-slot projection (release) or "by_name" (new slots = 0)
     P_mean: float = 1.0  # ln σ ~ N(P_mean, P_std²), one σ per video
     P_std: float = 1.6
     noise_aug_mean: float = -3.0  # training: strength = exp(N(mean, std²))
@@ -147,7 +148,7 @@ def load_stage1(folder: str | Path | None, cfg: Stage1Config = Stage1Config(), t
         raise missing_weights_error(folder, f"in {folder} cannot be read ({str(e).splitlines()[0]})") from None
     meta = folder / PIPELINE_FILE
     source_slots = json.loads(meta.read_text())["slots"] if meta.is_file() else list(SVD_SLOTS)
-    adapt_added_time_projection(unet, source_slots, cfg.slots)
+    adapt_added_time_projection(unet, source_slots, cfg.slots, cfg.time_ids_init)
     return Stage1Components(unet, vae, image_encoder.eval(), fe)
 
 

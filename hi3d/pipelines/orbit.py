@@ -41,6 +41,17 @@ class OrbitOutput:
     elevation_deg: torch.Tensor
     seeds: list[int] | None = None
 
+    def to_orbit(self, sample: int = 0):
+        """Sample ``sample`` as a ``hi3d.data.orbit.Orbit`` (opaque RGBA on white) for ``save_orbit``."""
+        from hi3d.data.orbit import Orbit
+
+        rgb = self.frames[sample].permute(0, 2, 3, 1).float()
+        n = rgb.shape[0]
+        return Orbit(rgba=torch.cat([rgb, torch.ones_like(rgb[..., :1])], -1), c2w=self.c2w,
+                     K=self.K.expand(n, 3, 3).clone(), azimuth_deg=self.azimuth_deg, elevation_deg=self.elevation_deg,
+                     radius=self.c2w[:, :3, 3].norm(dim=-1),
+                     meta={"generator": "hi3d stage 1", "seed": self.seeds[sample] if self.seeds else None})
+
 
 class OrbitPipeline:
     """Stage-1 sampler over components (diffusers style): ``OrbitPipeline(unet, vae, image_encoder,
