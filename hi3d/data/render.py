@@ -1,11 +1,14 @@
 """Orbit renderer: RGBA, depth and world-space normals of a mesh at exact cameras, headless on the CPU.
 
 Renderer: pyrender on EGL (Mesa llvmpipe without a GPU), with pyrender's 4x MSAA as antialiasing.
-Every view takes two passes with one renderer kept alive across views and calls:
+Every view takes three passes with one renderer kept alive across views and calls:
 - albedo pass: unlit (flat) base colour = material colour x texture x vertex/face colour, faces
   rendered from both sides, material transparency ignored (surfaces are opaque);
 - geometry pass: the mesh with smooth world-space normals (split at creases > 30°) as vertex
-  colours; gives the coverage (alpha), the normals and the depth.
+  colours; gives the coverage (alpha) and the normals;
+- depth pass: the MSAA depth resolve keeps one sample, off the pixel centre (measured once per
+  process, see ``_Renderer._depth_sample_offset``), so the principal point is shifted to put that
+  sample on the pixel centres: depth is the camera z of the surface under each pixel centre.
 Colours are resolved from MSAA as premultiplied values and divided by the coverage, so RGB is
 straight alpha and exact on the object. Shading (``RenderConfig.shading``): ``lambert`` multiplies
 the albedo by ``ambient + (1 - ambient) * max(0, n . l)`` for a light fixed in the world (above, in
