@@ -86,3 +86,19 @@ def test_save_from_pretrained_round_trip(pipe, tmp_path):
         pipe.config.constant_value = 0.0
     pipe.save_pretrained(tmp_path / "model")  # overwriting an existing folder works
     assert sorted(p.name for p in (tmp_path).iterdir()) == ["model"]
+
+
+@pytest.mark.weights
+def test_real_weights_folder_samples():
+    """With HI3D_STAGE1_WEIGHTS=<SVD-XT or converted Hi3D folder>: a 2-step orbit at 256² runs end to end."""
+    import os
+
+    folder = os.environ.get("HI3D_STAGE1_WEIGHTS")
+    if not folder or not os.path.isdir(folder):
+        pytest.skip("set HI3D_STAGE1_WEIGHTS to a diffusers-format stage-1/SVD folder")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = OrbitPipeline.from_pretrained(folder, torch_dtype=torch.float16 if device == "cuda" else None, device=device)
+    pipe.config.resolution, pipe.config.num_frames = 256, 4
+    out = pipe(rgba_disc(), 20.0, num_inference_steps=2, seeds=[0], decode_chunk_size=4)
+    assert out.frames.shape == (1, 4, 3, 256, 256) and torch.isfinite(out.frames).all()
+    assert torch.equal(out.frames[0, 0], out.image)
