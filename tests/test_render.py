@@ -1,7 +1,6 @@
 """Orbit renderer (hi3d.data.render), ``hi3d render-orbit`` and the dataset builder, on real meshes."""
 
 import json
-import math
 
 import numpy as np
 import pytest
