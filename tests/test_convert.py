@@ -6,6 +6,7 @@ import torch
 from hi3d.errors import Hi3DError
 from hi3d.models.convert import (build_modules, convert_stage1, convert_state_dict, default_config_dir, key_map,
                                  layout_of, read_checkpoint, to_sgm, vae_kind_of)
+from hi3d.models.conditioning import install_slot_projection
 from hi3d.models.stage1 import Stage1Config, TinyConfig, tiny_components
 from hi3d.models.svd import clip_embed, decode_latents, encode_frames, init_weights_, unet_forward
 from hi3d.pipelines.orbit import OrbitPipeline
@@ -116,8 +117,12 @@ def test_convert_to_pipeline_folder(pair, tmp_path):
     report = convert_stage1(ckpt, out, sd=sd, modules=modules(copy.deepcopy(pair[1])))
     assert report.leftover == []
     cfg = tiny_cfg(0)
-    ref = OrbitPipeline.from_components(src, cfg)
+    cfg.slots, cfg.constant_value = ["aesthetic", "elevation", "noise_aug"], 5.0  # the release's layout
+    ref_comps = copy.deepcopy(src)
+    install_slot_projection(ref_comps.unet, cfg.slots)
+    ref = OrbitPipeline.from_components(ref_comps, cfg)
     loaded = OrbitPipeline.from_pretrained(out)
+    assert loaded.config.slots == cfg.slots and loaded.config.constant_value == 5.0
     loaded.config.num_frames, loaded.config.resolution, loaded.config.num_inference_steps = 2, 32, 2
     image = torch.zeros(32, 32, 4)
     image[8:24, 10:22] = 1.0

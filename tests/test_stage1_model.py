@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from hi3d.errors import ConfigError, Hi3DError
-from hi3d.models.conditioning import (SVD_SLOTS, adapt_added_time_projection, added_time_ids, projection_input_dim,
-                                      widen_conv_in)
+from hi3d.models.conditioning import (SVD_SLOTS, SlotTimeProjection, adapt_added_time_projection, added_time_ids,
+                                      projection_input_dim, sgm_timestep_embedding, widen_conv_in)
 from hi3d.models.stage1 import Stage1Config, Stage1Task, TinyConfig, load_stage1, tiny_components
 from hi3d.models.svd import unet_forward
 
@@ -134,3 +134,20 @@ def test_load_svd_folder_adapts_slots(comps, tmp_path):
     assert two.unet.add_embedding.linear_1.in_features == 512
     assert torch.equal(two.unet.add_embedding.linear_1.weight[:, 256:],
                        comps.unet.add_embedding.linear_1.weight[:, 512:])
+
+
+def test_slot_embeddings_match_diffusers_and_release_aesthetic_layout(comps):
+    ids = torch.tensor([[5.5, 20.0, 0.02], [4.0, -10.0, 0.3]])
+    ref = comps.unet.add_time_proj(ids.flatten())  # diffusers Timesteps(256, True, 0)
+    ours = SlotTimeProjection(["constant", "elevation", "noise_aug"])(ids.flatten())
+    assert torch.allclose(ours, ref, atol=1e-6)
+    aes = SlotTimeProjection(["aesthetic", "elevation", "noise_aug"])(ids.flatten()).reshape(2, 3, 256)
+    assert torch.allclose(aes[:, 1:], ref.reshape(2, 3, 256)[:, 1:], atol=1e-6)
+    a = ids[:, 0]
+    half = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(127) / 127)
+    expect = torch.cat([a[:, None], torch.cos(100 * a[:, None] * half), torch.sin(100 * a[:, None] * half),
+                        torch.zeros(2, 1)], -1)
+    assert torch.allclose(aes[:, 0], expect, atol=1e-4)
+    assert sgm_timestep_embedding(torch.tensor([3.0]), 255).shape == (1, 255)
+    c = tiny_components(tiny_cfg(slots=["aesthetic", "elevation", "noise_aug"], constant_value=5.0))
+    assert isinstance(c.unet.add_time_proj, SlotTimeProjection)

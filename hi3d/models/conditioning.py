@@ -8,7 +8,10 @@ embedding. We only choose which scalar goes in which slot:
 - ``"constant"``: a fixed value (``constant_value``) for every sample,
 - ``"elevation"``: camera elevation in degrees (batch key ``elevation``),
 - ``"noise_aug"``: noise-augmentation strength of the conditioning image,
-- SVD's own ``"fps"`` and ``"motion_bucket"`` (values from ``SVD_DEFAULTS``) for compatibility.
+- SVD's own ``"fps"`` and ``"motion_bucket"`` (values from ``SVD_DEFAULTS``) for compatibility,
+- ``"aesthetic"``: the released Hi3D stage-1 checkpoint's first slot, an aesthetic score ``a`` (value
+  ``constant_value``; the release computed it per input with the LAION aesthetic predictor) embedded
+  as ``[a, sgm_timestep_embedding(100·a, 255)]`` — installed by ``install_slot_projection``.
 
 Layouts: stage 1 (released Hi3D) ``["constant", "elevation", "noise_aug"]`` -> 768;
 stage 2 ``["elevation", "noise_aug"]`` -> 512; SVD itself ``["fps", "motion_bucket", "noise_aug"]``.
@@ -16,6 +19,7 @@ stage 2 ``["elevation", "noise_aug"]`` -> 512; SVD itself ``["fps", "motion_buck
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -25,7 +29,7 @@ from hi3d.errors import ConfigError
 SLOT_DIM = 256
 SVD_SLOTS = ("fps", "motion_bucket", "noise_aug")
 SVD_DEFAULTS = {"fps": 6.0, "motion_bucket": 127.0}  # SVD conditions on fps − 1 (7 fps -> 6)
-KNOWN_SLOTS = ("constant", "elevation", "noise_aug", "fps", "motion_bucket")
+KNOWN_SLOTS = ("constant", "elevation", "noise_aug", "fps", "motion_bucket", "aesthetic")
 
 
 def check_slots(slots: Sequence[str]) -> None:
@@ -48,8 +52,44 @@ def added_time_ids(slots: Sequence[str], elevation: torch.Tensor, noise_aug: tor
     noise_aug = noise_aug.to(elevation).expand_as(elevation)
     values = {"elevation": elevation, "noise_aug": noise_aug,
               "constant": torch.full_like(elevation, constant_value),
+              "aesthetic": torch.full_like(elevation, constant_value),
               **{k: torch.full_like(elevation, v) for k, v in SVD_DEFAULTS.items()}}
     return torch.stack([values[s] for s in slots], dim=1)
+
+
+def sgm_timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """generative-models' sinusoid: ``[cos(t·f_i), sin(t·f_i)]`` (+ a zero column if ``dim`` is odd),
+    f_i = max_period^(−i/⌊dim/2⌋). ``t [N]`` -> ``[N, dim]`` float32. (diffusers' ``Timesteps(dim, True, 0)`` equals
+    it for even ``dim``.)"""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], -1)
+    return torch.cat([emb, torch.zeros_like(emb[:, :1])], -1) if dim % 2 else emb
+
+
+class SlotTimeProjection(torch.nn.Module):
+    """Drop-in for the UNet's ``add_time_proj``: flattened ids ``[B·S]`` -> ``[B·S, dim]``, each slot embedded
+    like diffusers' ``Timesteps(dim, True, 0)`` except ``"aesthetic"`` slots: ``[a, sgm_embedding(100·a, dim − 1)]``."""
+
+    def __init__(self, slots: Sequence[str], dim: int = SLOT_DIM):
+        super().__init__()
+        self.slots, self.dim = list(slots), dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.reshape(-1, len(self.slots))
+        out = []
+        for j, slot in enumerate(self.slots):
+            v = ids[:, j].float()
+            out.append(torch.cat([v[:, None], sgm_timestep_embedding(100.0 * v, self.dim - 1)], -1)
+                       if slot == "aesthetic" else sgm_timestep_embedding(v, self.dim))
+        return torch.stack(out, 1).flatten(0, 1)
+
+
+def install_slot_projection(unet, slots: Sequence[str]) -> None:
+    """Give ``unet`` the slot embedding ``slots`` need (only ``"aesthetic"`` differs from diffusers' default)."""
+    if "aesthetic" in slots:
+        unet.add_time_proj = SlotTimeProjection(slots, unet.config.addition_time_embed_dim)
 
 
 def adapt_added_time_projection(unet, source_slots: Sequence[str], target_slots: Sequence[str],

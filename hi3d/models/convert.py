@@ -326,7 +326,8 @@ def default_config_dir() -> Path:
 
 def convert_stage1(checkpoint: str | Path, out: str | Path, config_dir: str | Path | None = None,
                    use_ema: bool = False, unsafe_pickle: bool = False, allow_leftover: bool = False,
-                   sd: dict[str, torch.Tensor] | None = None, modules: dict[str, torch.nn.Module] | None = None):
+                   sd: dict[str, torch.Tensor] | None = None, modules: dict[str, torch.nn.Module] | None = None,
+                   aesthetic_score: float = 5.0):
     """Official Hi3D stage-1 checkpoint -> ``OrbitPipeline`` folder ``out`` (unet/ vae/ image_encoder/
     feature_extractor/ hi3d_pipeline.json). ``sd``/``modules`` may be given directly (tests)."""
     from transformers import CLIPImageProcessor
@@ -346,7 +347,9 @@ def convert_stage1(checkpoint: str | Path, out: str | Path, config_dir: str | Pa
     fe_cfg = {k: v for k, v in json.loads((config_dir / "feature_extractor.json").read_text()).items()
               if not k.startswith("_")} if (config_dir / "feature_extractor.json").is_file() else {}
     unet = modules["unet"]
-    cfg = Stage1Config(num_frames=unet.config.num_frames, resolution=8 * (unet.config.sample_size or 64))
+    # the release's first slot is an aesthetic score (LAION predictor on the input); a fixed score stands in
+    cfg = Stage1Config(num_frames=unet.config.num_frames, resolution=8 * (unet.config.sample_size or 64),
+                       slots=["aesthetic", "elevation", "noise_aug"], constant_value=aesthetic_score)
     OrbitPipeline(unet, modules["vae"], modules["image_encoder"].eval(), CLIPImageProcessor(**fe_cfg),
                   cfg).save_pretrained(out)
     return report
@@ -365,12 +368,14 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--ema", action="store_true", help="convert the EMA weights of the UNet when present")
     ap.add_argument("--unsafe-pickle", action="store_true", help="allow full pickle loading (trusted files only)")
     ap.add_argument("--allow-leftover", action="store_true", help="do not fail on unconverted tensors")
+    ap.add_argument("--aesthetic-score", type=float, default=5.0, help="value of the release's aesthetic slot "
+                    "(stored as constant_value in hi3d_pipeline.json; change it there later)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     rec = RunRecord(out, "convert_checkpoint", config=vars(args), seed=None, device=torch.device("cpu"))
     with rec.stage("convert") as entry:
         report = convert_stage1(args.checkpoint, out, args.config_dir, args.ema, args.unsafe_pickle,
-                                args.allow_leftover)
+                                args.allow_leftover, aesthetic_score=args.aesthetic_score)
         entry.update(mapped=report.mapped, ignored=report.ignored, leftover=report.leftover, filled=report.filled)
     rec.add_weights(out)  # run.json is rewritten after save_pretrained swapped the folder in
     rec.finish()

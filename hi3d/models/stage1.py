@@ -17,7 +17,8 @@ import torch
 
 from hi3d.errors import Hi3DError
 from hi3d.models import edm
-from hi3d.models.conditioning import SVD_SLOTS, adapt_added_time_projection, added_time_ids, check_slots
+from hi3d.models.conditioning import (SVD_SLOTS, adapt_added_time_projection, added_time_ids, check_slots,
+                                      install_slot_projection)
 from hi3d.models.svd import (clip_embed, encode_condition, encode_frames, init_weights_, module_device_dtype,
                              randn)
 
@@ -48,7 +49,7 @@ class Stage1Config:
     num_frames: int = 16
     resolution: int = 512
     slots: list[str] = dataclasses.field(default_factory=lambda: ["constant", "elevation", "noise_aug"])
-    constant_value: float = 0.0  # id of the "constant" slot (the release put an aesthetic score here)
+    constant_value: float = 0.0  # value of the "constant" (or "aesthetic") slot
     time_ids_init: str = "keep"  # from SVD: "keep" its 3-slot projection (release) or "by_name" (new slots = 0)
     P_mean: float = 1.0  # ln σ ~ N(P_mean, P_std²), one σ per video
     P_std: float = 1.6
@@ -107,6 +108,7 @@ def tiny_components(cfg: Stage1Config = Stage1Config()) -> Stage1Components:
     g = torch.Generator().manual_seed(t.seed)
     for m in (unet, vae, image_encoder):
         init_weights_(m, g)
+    install_slot_projection(unet, cfg.slots)
     return Stage1Components(unet, vae, image_encoder.eval(), fe)
 
 
@@ -149,6 +151,7 @@ def load_stage1(folder: str | Path | None, cfg: Stage1Config = Stage1Config(), t
     meta = folder / PIPELINE_FILE
     source_slots = json.loads(meta.read_text())["slots"] if meta.is_file() else list(SVD_SLOTS)
     adapt_added_time_projection(unet, source_slots, cfg.slots, cfg.time_ids_init)
+    install_slot_projection(unet, cfg.slots)
     return Stage1Components(unet, vae, image_encoder.eval(), fe)
 
 
