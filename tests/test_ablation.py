@@ -131,3 +131,10 @@ def test_ablate_m_real_reconstruction(tmp_path):
     assert main(["--objects", objects, "--views", "gt", "--m", "0,16", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "ablation.json").read_text())
     assert not res["failed"] and len(res["rows"]) == 6 and (tmp_path / "ablation.png").is_file()
+
+
+def test_hi3d_reconstructor_failure_is_reported(tmp_path):
+    """The default reconstructor runs 'hi3d reconstruct' in a child process; a failing run is one clear error."""
+    with pytest.raises(Hi3DError, match="reconstruct.log"):
+        ablation.reconstruct_with_hi3d(tmp_path / "no_views", tmp_path / "M0", 0, [])
+    assert (tmp_path / "M0" / "reconstruct.log").stat().st_size > 0

@@ -15,7 +15,8 @@ source mesh (Chamfer, volume IoU, F-score). Output folder::
     run.json
 
 Hooks: a *reconstructor* ``fn(views_dir, out_dir, num_interp, overrides) -> mesh path`` (default: the
-``hi3d reconstruct`` command, whose mesh is exported in the views' source-file coordinates), and a
+``hi3d reconstruct`` command in a child process, whose mesh is exported in the views' source-file
+coordinates), and a
 *generator* ``fn(input_rgba, elevation, out_dir, stage2=..., seed=..., **options) -> views dir`` for the
 image->3D pipeline; both registered by name or given as ``"package.module:function"``.
 """
@@ -79,15 +80,21 @@ class AblationConfig:
 # ------------------------------------------------------------------------------------------- hooks
 
 def reconstruct_with_hi3d(views_dir: Path, out_dir: Path, num_interp: int, overrides: list[str]) -> Path:
-    """``hi3d reconstruct VIEWS --out OUT --num-interp M [key=value ...]`` in-process; its mesh file."""
-    try:
-        from hi3d.recon.reconstruct import cli as reconstruct_cli
-    except ImportError as e:
-        raise Hi3DError(f"'hi3d reconstruct' is not available ({e}); pass reconstructor=package.module:function") from None
-    code = reconstruct_cli([str(views_dir), "--out", str(out_dir), "--num-interp", str(num_interp), *overrides])
-    mesh = find_mesh(Path(out_dir))
-    if code not in (0, None) or mesh is None:
-        raise Hi3DError(f"hi3d reconstruct of {views_dir} (M={num_interp}) returned {code} and no mesh in {out_dir}")
+    """``hi3d reconstruct VIEWS --out OUT --num-interp M [key=value ...]`` in a child process (a crash of one
+    run, e.g. in native code, is then one failed row; log in ``OUT/reconstruct.log``); its mesh file."""
+    import subprocess
+    import sys
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "hi3d.cli", "reconstruct", str(views_dir), "--out", str(out_dir),
+           "--num-interp", str(num_interp), *overrides]
+    with open(out_dir / "reconstruct.log", "ab") as logf:
+        code = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT).returncode
+    mesh = find_mesh(out_dir)
+    if code != 0 or mesh is None:
+        raise Hi3DError(f"hi3d reconstruct of {views_dir} (M={num_interp}) exited {code}"
+                        f"{'' if mesh else ' without a mesh'}; see {out_dir / 'reconstruct.log'}")
     return mesh
 
 
