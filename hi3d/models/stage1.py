@@ -20,7 +20,7 @@ from hi3d.models import edm
 from hi3d.models.conditioning import (SVD_SLOTS, adapt_added_time_projection, added_time_ids, check_slots,
                                       install_slot_projection)
 from hi3d.models.svd import (clip_embed, encode_condition, encode_frames, init_weights_, module_device_dtype,
-                             randn)
+                             randn, unet_forward)
 
 SVD_REPO = "stabilityai/stable-video-diffusion-img2vid-xt"
 SUBFOLDERS = ("unet", "vae", "image_encoder", "feature_extractor")
@@ -197,24 +197,21 @@ class Stage1Task:
         cfg = self.cfg
         B, Fr = frames.shape[:2]
         device, _ = module_device_dtype(self.vae)
+        gdev = generator.device if generator is not None else "cpu"  # draws on the generator's device
         frames = frames.to(device, torch.float32)
         z = encode_frames(self.vae, frames, generator, sample=True, chunk=cfg.vae_encode_chunk).float()
-        aug = edm.noise_aug_strength(B, generator, cfg.noise_aug_mean, cfg.noise_aug_std,
-                                     device=generator.device if generator is not None else "cpu").to(device)
+        aug = edm.noise_aug_strength(B, generator, cfg.noise_aug_mean, cfg.noise_aug_std, gdev).to(device)
         image = frames[:, 0]
         cond = encode_condition(self.vae, image + edm.append_dims(aug, 4) * randn(image.shape, generator, device))
         clip = clip_embed(self.image_encoder, self.feature_extractor, image).float()
-        gdev = generator.device if generator is not None else "cpu"
         keep_clip = edm.condition_dropout(B, cfg.cond_dropout, generator, gdev).to(device)
         keep_cond = edm.condition_dropout(B, cfg.cond_dropout, generator, gdev).to(device)
         clip = clip * edm.append_dims(keep_clip, 3)
         concat = (cond.float() * edm.append_dims(keep_cond, 4)).unsqueeze(1).expand(-1, Fr, -1, -1, -1)
-        ids = added_time_ids(cfg.slots, elevation.to(device), aug, cfg.constant_value)
+        ids = added_time_ids(cfg.slots, torch.as_tensor(elevation).reshape(B).to(device), aug, cfg.constant_value)
         return z, concat, clip, ids
 
     def training_loss(self, unet: torch.nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        from hi3d.models.svd import unet_forward
-
         z, concat, clip, ids = self.conditions(batch["frames"], batch["elevation"], generator)
         B = z.shape[0]
         gdev = generator.device if generator is not None else "cpu"
