@@ -7,6 +7,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
+# Loading triton's LLVM after Mesa's EGL (llvmpipe) has loaded its own segfaults the process; torch imports
+# triton lazily (torch._dynamo, e.g. from torch.optim), so import it before any test renders.
+import torch._dynamo  # noqa: E402,F401
+
 REAL_OBJECTS = {
     "bunny": ("/usr/share/glmark2/models/bunny.obj", "glmark2-data"),
     "spider": ("/usr/share/assimp/models/OBJ/spider.obj", "assimp-testmodels"),
