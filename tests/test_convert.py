@@ -159,3 +159,27 @@ def test_paper_size_key_names_match_generative_models():
     for k, v in expect.items():
         assert km[k] == v, k
     assert m["unet"].add_embedding.linear_1.in_features == 768 and m["unet"].conv_in.in_channels == 8
+
+
+def test_openclip_image_tower_converts_to_transformers_clip():
+    """Against open_clip itself: a tiny OpenCLIP ViT (the ViT-H/14 architecture at toy size) converted into
+    CLIPVisionModelWithProjection gives the same image embedding."""
+    from open_clip.transformer import VisionTransformer
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from hi3d.models.convert import CLIP, Layout
+
+    g = torch.Generator().manual_seed(0)
+    oc = VisionTransformer(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_ratio=2.0, output_dim=24).eval()
+    with torch.no_grad():
+        for p in oc.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 and p.shape[0] == 32 else 0.0))
+    hf = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, projection_dim=24, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=8, hidden_act="gelu", layer_norm_eps=1e-5)).eval()
+    sd = {CLIP + k: v for k, v in oc.state_dict().items()}
+    report = convert_state_dict(sd, {"image_encoder": hf}, layout=Layout())
+    assert report.leftover == [] and report.mapped == len(sd)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(hf(pixel_values=x).image_embeds, oc(x), atol=1e-5)
