@@ -214,3 +214,10 @@ def test_generate_method_hook(perturbed_runs, gso_root, tmp_path):
     assert row["iou"] == 1.0 and row["chamfer"] < 1e-6 and row["psnr"] == pytest.approx(100.0)
     assert isinstance(gso.make_method(gso.GSOConfig(method="hi3d", method_options={"args": ["--stages", "all"]})),
                       gso.GenerateMethod)
+
+
+def test_generate_method_child_process_failure(tmp_path):
+    """Without a usable pipeline (no weights), 'hi3d generate' fails in its child process: one clear error."""
+    with pytest.raises(gso.Hi3DError, match="generate.log"):
+        gso.GenerateMethod().predict(torch.ones(16, 16, 4), 30.0, tmp_path / "pred", "thing")
+    assert (tmp_path / "pred" / "generate.log").stat().st_size > 0

@@ -29,6 +29,8 @@ import importlib
 import io
 import logging
 import math
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -127,9 +129,9 @@ class FolderMethod:
 
 class GenerateMethod:
     """Our image->3D pipeline through its command: ``hi3d generate <out_dir>/input.png --out <out_dir>
-    --elevation E [args...]``, then the mesh ``<out_dir>/**/mesh.*`` and the views of the first orbit folder
-    among ``views_dirs`` (relative to ``out_dir``) are scored. ``generate_cli`` defaults to
-    ``hi3d.pipelines.generate.cli``; a run already finished in ``out_dir`` is reused by its resume."""
+    --elevation E [args...]`` (in a child process, log in ``generate.log``; or in-process through
+    ``generate_cli(argv)``), then the mesh ``<out_dir>/**/mesh.*`` and the views of the first orbit folder
+    among ``views_dirs`` (relative to ``out_dir``) are scored; a finished run is reused by its resume."""
 
     name = "hi3d"
 
@@ -140,17 +142,17 @@ class GenerateMethod:
         self.generate_cli = generate_cli
 
     def predict(self, input_rgba, elevation, out_dir, object_name):
-        cli = self.generate_cli
-        if cli is None:
-            try:
-                from hi3d.pipelines.generate import cli
-            except ImportError as e:
-                raise Hi3DError(f"the image->3D pipeline is not available ({e})") from None
         out_dir = Path(out_dir)
         save_png(out_dir / "input.png", input_rgba)
-        code = cli([str(out_dir / "input.png"), "--out", str(out_dir), "--elevation", f"{elevation:g}", *self.args])
+        argv = [str(out_dir / "input.png"), "--out", str(out_dir), "--elevation", f"{elevation:g}", *self.args]
+        if self.generate_cli is not None:
+            code = self.generate_cli(argv)
+        else:  # a child process: isolates crashes and memory of one object from the benchmark
+            with open(out_dir / "generate.log", "ab") as logf:
+                code = subprocess.run([sys.executable, "-m", "hi3d.cli", "generate", *argv], stdout=logf,
+                                      stderr=subprocess.STDOUT).returncode
         if code not in (0, None):
-            raise Hi3DError(f"hi3d generate failed for {object_name} (exit {code})")
+            raise Hi3DError(f"hi3d generate failed for {object_name} (exit {code}; see {out_dir / 'generate.log'})")
         views = next((load_orbit(out_dir / d, load_depth=False) for d in self.views_dirs
                       if (out_dir / d / "cameras.json").is_file()), None)
         meshes = sorted(p for suffix in MESH_SUFFIXES for p in out_dir.rglob(f"mesh{suffix}"))
