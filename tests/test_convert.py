@@ -83,6 +83,12 @@ def test_image_decoder_variant_and_identity_quant_conv():
     src = {"unet": c.unet, "vae": vae, "image_encoder": c.image_encoder}
     sd = to_sgm(src)
     assert vae_kind_of(sd) == "image"
+    # independent reference for the LDM VAE names: diffusers' own single-file converter
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    ref = convert_ldm_vae_checkpoint({k: v for k, v in sd.items() if k.startswith("first_stage_model.")}, dict(vae.config))
+    assert sorted(ref) == sorted(vae.state_dict())
+    assert all(torch.equal(ref[k].reshape(v.shape), v) for k, v in vae.state_dict().items())
     for k in [k for k in sd if "quant_conv" in k]:
         del sd[k]
     dst_vae = AutoencoderKL.from_config(vae.config)
