@@ -68,6 +68,7 @@ class NeuSConfig:
     # run
     seed: int = 0
     device: str = "cpu"
+    num_threads: int = 0  # torch CPU threads during the fit (0 = leave torch's setting)
     checkpoint_every: int = 250
     chunk: int = 65536  # points per forward pass when querying the SDF without gradients
 
@@ -411,6 +412,19 @@ def fit_neus(orbit: Orbit, cfg: NeuSConfig, checkpoint: str | Path | None = None
     model.set_progress(start)
     if start >= cfg.iterations:
         return model
+    threads = torch.get_num_threads()
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        _train(model, optim, gen, orbit, cfg, start, ckpt_path, progress, callback)
+    finally:
+        torch.set_num_threads(threads)
+    model.set_progress(cfg.iterations)
+    return model
+
+
+def _train(model, optim, gen, orbit, cfg, start, ckpt_path, progress, callback) -> None:
+    device = torch.device(cfg.device)
     rays = orbit_rays(orbit)
     fields = {k: v.to(device) for k, v in dataclasses.asdict(rays).items() if v is not None}
     num = rays.origins.shape[0]
@@ -433,5 +447,3 @@ def fit_neus(orbit: Orbit, cfg: NeuSConfig, checkpoint: str | Path | None = None
         if callback is not None:
             callback(step, {k: v.item() for k, v in losses.items()})
     bar.close()
-    model.set_progress(cfg.iterations)
-    return model
