@@ -23,7 +23,6 @@ as stage 1).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from hi3d.errors import Hi3DError
 from hi3d.models import edm
 from hi3d.models.conditioning import added_time_ids, check_slots, widen_conv_in
 from hi3d.models.depth import DepthConfig, DepthEstimator, depth_channels, tiny_depth_estimator
-from hi3d.models.stage1 import PIPELINE_FILE, Stage1Config, TinyConfig, load_stage1
+from hi3d.models.stage1 import Stage1Config, TinyConfig, load_stage1
 from hi3d.models.svd import (clip_embed, encode_frames, module_device_dtype, randn, unet_forward,
                              vae_scale_factor)
 
@@ -243,7 +242,3 @@ class Stage2Task:
         RefinePipeline(unet, self.vae, self.image_encoder, self.feature_extractor, self.depth,
                        self.cfg).save_pretrained(folder)
 
-
-def read_pipeline_config(folder: str | Path) -> dict | None:
-    meta = Path(folder) / PIPELINE_FILE
-    return json.loads(meta.read_text()) if meta.is_file() else None
