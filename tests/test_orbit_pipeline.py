@@ -102,3 +102,18 @@ def test_real_weights_folder_samples():
     out = pipe(rgba_disc(), 20.0, num_inference_steps=2, seeds=[0], decode_chunk_size=4)
     assert out.frames.shape == (1, 4, 3, 256, 256) and torch.isfinite(out.frames).all()
     assert torch.equal(out.frames[0, 0], out.image)
+
+
+def test_image_decoder_vae_runs(pipe):
+    """The Hi3D release's first stage is SVD's per-frame image decoder (diffusers AutoencoderKL)."""
+    from diffusers import AutoencoderKL
+
+    from hi3d.models.svd import init_weights_
+
+    vae = AutoencoderKL(block_out_channels=(32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, latent_channels=4)
+    init_weights_(vae, torch.Generator().manual_seed(0))
+    other = OrbitPipeline(pipe.unet, vae, pipe.image_encoder, pipe.feature_extractor, pipe.config)
+    out = other(rgba_disc(), 5.0, seeds=[0])
+    assert out.frames.shape == (1, 3, 3, 32, 32) and torch.equal(out.frames[0, 0], out.image)
+    assert (out.frames - pipe(rgba_disc(), 5.0, seeds=[0]).frames).abs().max() > 1e-3
