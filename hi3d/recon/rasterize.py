@@ -160,22 +160,29 @@ class _TileComposite(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, coef, feat, basis):
-        w = _TileComposite._forward(coef, basis)[-1]
+        raw, _, _, _, included, w = _TileComposite._forward(coef, basis)
+        # Gaussians behind the last one that contributes to any pixel get no gradient: the backward skips them
+        reached = (included & (raw >= ALPHA_MIN)).any(-1)  # [T, K]
+        ctx.k_used = int(reached.any(0).nonzero().max()) + 1 if reached.any() else 1
         ctx.save_for_backward(coef, feat, basis)
         return torch.bmm(w.transpose(1, 2), feat)
 
     @staticmethod
     def backward(ctx, grad_out):
-        coef, feat, basis = ctx.saved_tensors
+        coef_all, feat_all, basis = ctx.saved_tensors
+        k = ctx.k_used
+        coef, feat = coef_all[:, :k], feat_all[:, :k]
         raw, alpha, one_minus, t_excl, included, w = _TileComposite._forward(coef, basis)
         grad_out = grad_out.contiguous()
         h = torch.bmm(feat, grad_out.transpose(1, 2))  # [T, K, P]: dL/d(w_k) per pixel
-        grad_feat = torch.bmm(w, grad_out)
         wh = w * h
         suffix = wh.sum(1, keepdim=True) - wh.cumsum(1)  # Σ_{j>k} w_j h_j
         active = included & (raw >= ALPHA_MIN) & (raw <= ALPHA_MAX)
         d_q = torch.where(active, (suffix / one_minus - t_excl * h) * raw, 0.0)  # dL/dq' = -dL/dα · raw
-        return d_q @ basis, grad_feat, None
+        grad_coef, grad_feat = torch.zeros_like(coef_all), torch.zeros_like(feat_all)
+        grad_coef[:, :k] = d_q @ basis
+        grad_feat[:, :k] = torch.bmm(w, grad_out)
+        return grad_coef, grad_feat, None
 
 
 def _viewmat(c2w: torch.Tensor) -> torch.Tensor:
