@@ -125,3 +125,14 @@ def test_acceptance_bunny_chamfer_and_iou(tmp_path_factory, num_interp):
     for fmt in ("glb", "obj", "ply"):  # +Y up, original scale and position within 2% of the bbox
         got = as_trimesh(load_scene(files[fmt]))
         assert np.abs(got.bounds - source.bounds).max() < 0.02 * source.extents.max(), fmt
+
+
+def test_demo_names_missing_objects_and_packages(tmp_path):
+    from hi3d.recon import demo
+
+    with pytest.raises(Hi3DError, match="neither one of bunny"):
+        demo.resolve_object(str(tmp_path / "missing.obj"))
+    assert demo.config_path("cpu").is_file() and demo.config_path("high").is_file()
+    for quality in ("cpu", "high"):
+        load_config(ReconstructConfig, demo.config_path(quality))  # the shipped YAMLs match the schema
+    assert main(["demo", "--out", str(tmp_path), "--object", str(tmp_path / "nope.obj")]) == 2
