@@ -2,7 +2,8 @@
 """Stage-1 model benchmark, run by hand: tiny-config sampling speed on this machine, and the paper-size model's
 size, memory and compute estimated from meta-device construction (no weights needed).
 
-    python scripts/benchmarks/stage1.py [--config configs/stage1/tiny_cpu.yaml] [--repeats 2] [--out outputs/benchmarks]
+    python scripts/benchmarks/stage1.py [--config configs/stage1/tiny_cpu.yaml] [--repeats 2] [--threads N]
+        [--out outputs/benchmarks]
 
 Sampling (tiny ``model:`` section of ``--config``, CPU): seconds per video with the paper's sampler settings
 (25 Euler steps, CFG 1.0 -> 2.5) and without guidance; baseline measured in the same run: one UNet forward
@@ -132,8 +133,11 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=str(default_config_dir() / "tiny_cpu.yaml"))
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--steps", type=int, default=25, help="sampler steps for the tiny model (paper: 25)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is far faster on a loaded machine)")
     p.add_argument("--out", default="outputs/benchmarks")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     path = out / "stage1.json"
     results = read_json(path) if path.is_file() else {}
