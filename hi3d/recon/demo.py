@@ -46,7 +46,7 @@ def run_demo(out: Path, obj: str = "bunny", quality: str = "cpu", num_interp: in
              overrides: list[str] | tuple = (), progress: bool = True) -> dict:
     import json
 
-    from hi3d.config import load_config
+    from hi3d.config import load_config, to_dict
     from hi3d.data.mesh_io import load_world_mesh
     from hi3d.data.orbit import load_orbit, save_orbit
     from hi3d.data.render import RenderConfig, render_orbit
@@ -61,7 +61,8 @@ def run_demo(out: Path, obj: str = "bunny", quality: str = "cpu", num_interp: in
         raise Hi3DError(f"demo config {cfg_file} is missing (run the demo from a hi3d checkout)")
     cfg = load_config(ReconstructConfig, cfg_file, list(overrides))
     render_cfg = RenderConfig(num_views=16, resolution=QUALITY[quality][1])
-    rec = RunRecord(out, "demo", config={"reconstruct": cfg, "render": render_cfg}, seed=cfg.neus.seed)
+    rec = RunRecord(out, "demo", config={"reconstruct": to_dict(cfg), "render": to_dict(render_cfg)},
+                    seed=cfg.neus.seed)
     rec.add(object=str(source), quality=quality, num_interp=num_interp)
     orbit_dir = out / "orbit"
     with rec.stage("render") as entry:
