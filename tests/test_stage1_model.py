@@ -106,6 +106,19 @@ def test_trainable_params_and_checkpointing(comps):
     trainable = [n for n, p in task.unet.named_parameters() if p.requires_grad]
     assert trainable and all("temporal" in n for n in trainable)
     assert task.unet.is_gradient_checkpointing
+    # checkpointing recomputes activations in backward: same loss and gradients as without
+    plain = Stage1Task(tiny_cfg(), copy.deepcopy(comps))
+    ckpt = Stage1Task(tiny_cfg(gradient_checkpointing=True), copy.deepcopy(comps))
+    batch = {"frames": torch.rand(1, 2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1,
+             "elevation": torch.tensor([12.0])}
+    losses = []
+    for t in (plain, ckpt):
+        t.unet.train()
+        losses.append(t.training_loss(t.unet, batch, torch.Generator().manual_seed(2)))
+        losses[-1].backward()
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5)
+    g0, g1 = (t.unet.conv_in.weight.grad for t in (plain, ckpt))
+    assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-7) and g0.abs().max() > 0
 
 
 def test_missing_weights_folder_is_one_clear_error(tmp_path):
