@@ -114,7 +114,9 @@ def test_acceptance_bunny_chamfer_and_iou(tmp_path_factory, num_interp):
     orbit = render_orbit(bunny, RenderConfig(resolution=256))
     save_orbit(orbit, orbit_dir)
     out = tmp_path_factory.mktemp(f"rec{num_interp}")
-    cfg = load_config(ReconstructConfig, "configs/recon/neus.yaml")
+    from hi3d.recon.demo import config_path
+
+    cfg = load_config(ReconstructConfig, config_path("cpu"))
     files = reconstruct(orbit_dir, out, num_interp, cfg, progress=True)
     pred = load_world_mesh(files["ply"], orbit.normalization)
     gt = load_world_mesh(bunny, orbit.normalization)

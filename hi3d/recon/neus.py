@@ -33,8 +33,8 @@ from hi3d.recon.hashgrid import HashGrid
 class NeuSConfig:
     """NeuS optimisation; defaults are sized for a CPU (a few minutes at 256², 16-32 views)."""
 
-    iterations: int = 1500
-    batch_rays: int = 1024
+    iterations: int = 1000
+    batch_rays: int = 512
     lr: float = 1e-2
     lr_variance: float = 1e-3
     warmup_iters: int = 50
@@ -50,7 +50,7 @@ class NeuSConfig:
     base_resolution: int = 16
     max_resolution: int = 256
     start_levels: int = 4  # coarse-to-fine: levels enabled at step 0 (num_levels = all at once)
-    level_every: int = 100  # steps between enabling further levels
+    level_every: int = 60  # steps between enabling further levels
     hidden_dim: int = 64
     sdf_layers: int = 1  # hidden layers of the SDF MLP
     feature_dim: int = 15
@@ -58,7 +58,7 @@ class NeuSConfig:
     color_hidden_dim: int = 64
     color_layers: int = 2
     init_variance: float = 0.3  # inv_s = exp(10 * variance)
-    eikonal_points: int = 4096  # points per step for the eikonal loss (half on the rays, half uniform)
+    eikonal_points: int = 2048  # points per step for the eikonal loss (half on the rays, half uniform)
     # losses
     color_weight: float = 1.0
     eikonal_weight: float = 0.1
@@ -69,7 +69,7 @@ class NeuSConfig:
     seed: int = 0
     device: str = "cpu"
     num_threads: int = 0  # torch CPU threads during the fit (0 = leave torch's setting)
-    checkpoint_every: int = 250
+    checkpoint_every: int = 200
     chunk: int = 65536  # points per forward pass when querying the SDF without gradients
 
 
