@@ -117,3 +117,23 @@ def test_image_decoder_vae_runs(pipe):
     out = other(rgba_disc(), 5.0, seeds=[0])
     assert out.frames.shape == (1, 3, 3, 32, 32) and torch.equal(out.frames[0, 0], out.image)
     assert (out.frames - pipe(rgba_disc(), 5.0, seeds=[0]).frames).abs().max() > 1e-3
+
+
+def test_stage1_command_writes_orbits_and_resumes(pipe, tmp_path):
+    from hi3d.data.orbit import load_orbit
+    from hi3d.io import read_json, save_png
+    from hi3d.pipelines.orbit import cli
+
+    pipe.save_pretrained(tmp_path / "w")
+    save_png(tmp_path / "in.png", rgba_disc())
+    argv = [str(tmp_path / "in.png"), "--weights", str(tmp_path / "w"), "--elevation", "15", "--out",
+            str(tmp_path / "out"), "--seeds", "0", "1", "--device", "cpu"]
+    assert cli(argv) == 0
+    orbit = load_orbit(tmp_path / "out" / "seed_1", load_depth=False)
+    assert orbit.rgba.shape == (3, 32, 32, 4) and torch.allclose(orbit.elevation_deg, torch.full((3,), 15.0, dtype=torch.float64))
+    expect = frame_object(rgba_disc(), 32, pipe.config.object_fill).permute(1, 2, 0)
+    assert (orbit.rgba[0, ..., :3] - expect).abs().max() <= 1 / 255 + 1e-6  # frame 0 = input (8-bit PNG)
+    stamp = (tmp_path / "out" / "seed_0" / "rgba" / "001.png").stat().st_mtime_ns
+    assert cli(argv) == 0  # resume: complete seeds are not redone
+    assert (tmp_path / "out" / "seed_0" / "rgba" / "001.png").stat().st_mtime_ns == stamp
+    assert "sample_seed_1" in read_json(tmp_path / "out" / "run.json")["stages"]

@@ -187,3 +187,51 @@ class OrbitPipeline:
         c2w, az, el = cameras.orbit_poses(cfg.num_frames, float(elevation_deg), radius)
         return OrbitOutput(frames, img, c2w, cameras.intrinsics(cfg.resolution, cfg.resolution), az, el,
                            list(seeds) if seeds is not None else None)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m hi3d.pipelines.orbit IMAGE --weights DIR --elevation E --out DIR [--seeds 0 1]``: stage 1 only;
+    writes one orbit folder per seed (``OUT/seed_<s>/``, the ``hi3d.data.orbit`` layout) and ``OUT/run.json``.
+    Seeds whose folder is complete are skipped, so an interrupted run resumes."""
+    import argparse
+
+    from hi3d.data.orbit import save_orbit
+    from hi3d.pipelines.inputs import load_input
+    from hi3d.provenance import RunRecord
+
+    ap = argparse.ArgumentParser(prog="python -m hi3d.pipelines.orbit", description="stage 1: image -> orbit views")
+    ap.add_argument("image", help="RGBA cut-out (or RGB on a plain background) image file")
+    ap.add_argument("--weights", required=True, help="folder from OrbitPipeline.save_pretrained / convert_checkpoint.py")
+    ap.add_argument("--elevation", type=float, required=True, help="camera elevation of the input view, degrees")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--steps", type=int, default=None, help="Euler steps (default: the pipeline config's, 25)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    device = torch.device(args.device)
+    rec = RunRecord(out, "orbit", config=vars(args), seed=args.seeds[0], device=device)
+    todo = [s for s in args.seeds if not (out / f"seed_{s}" / "cameras.json").is_file()]
+    if todo:
+        with rec.stage("load"):
+            pipe = OrbitPipeline.from_pretrained(args.weights, device=device,
+                                                 torch_dtype=torch.float16 if device.type == "cuda" else None)
+            rgba = load_input(args.image)
+        rec.add_weights(args.weights)
+        for s in todo:
+            with rec.stage(f"sample_seed_{s}"):
+                result = pipe(rgba, args.elevation, num_inference_steps=args.steps, seeds=[s])
+                save_orbit(result.to_orbit(0), out / f"seed_{s}")
+    rec.finish()
+    print(f"wrote {len(todo)} orbit(s) to {out} ({len(args.seeds) - len(todo)} already there)")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        sys.exit(cli())
+    except Hi3DError as e:
+        print(f"orbit: error: {e}", file=sys.stderr)
+        sys.exit(2)
