@@ -26,7 +26,7 @@ from hi3d import cameras
 from hi3d.data.orbit import Orbit
 from hi3d.errors import Hi3DError
 from hi3d.io import atomic_path
-from hi3d.recon.rasterize import Rendered, rasterize
+from hi3d.recon.rasterize import Rendered, quat_to_rotmat, rasterize
 
 SH_C0 = 0.28209479177387814
 
@@ -64,7 +64,7 @@ class GaussianConfig:
     max_gaussians: int = 60000
     # rasteriser
     tile_size: int = 8
-    chunk_elements: int = 1 << 18
+    chunk_elements: int = 1 << 18  # CPU rasteriser block size (elements of [tiles, K, pixels])
     num_threads: int = 1  # torch CPU threads during the fit (0 = leave torch's setting); 1 is fastest on shared cores
     progress: bool = True
 
@@ -271,8 +271,6 @@ class Densifier:
         p = model.params
         sel = torch.nonzero(split).squeeze(1)
         scales = torch.exp(p["scales"][sel])
-        from hi3d.recon.rasterize import quat_to_rotmat
-
         R = quat_to_rotmat(p["quats"][sel])
         noise = torch.randn(2, len(sel), 3, generator=self.gen).to(scales)
         samples = torch.einsum("nij,nj,bnj->bni", R, scales, noise).reshape(-1, 3)

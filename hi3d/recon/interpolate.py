@@ -3,12 +3,14 @@ adjacent orbit views, write them as an orbit folder (``source = "interpolated"``
 
 ``hi3d interpolate ORBIT_DIR --out DIR --num-interp 16 [--config configs/recon/gaussians.yaml] [key=value ...]``
 writes ``DIR/cameras.json``, ``rgba/``, ``depth/``, ``contact_sheet.png``, ``gaussians.pt`` and ``run.json``.
-A re-run with the same config reuses ``gaussians.pt`` (or resumes the fit from ``gaussians.ckpt.pt``).
+A re-run with the same config and orbit reuses ``gaussians.pt``, or resumes an interrupted fit from
+``gaussians.ckpt-<config hash>.pt`` (saved every 250 steps).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
 
 import torch
@@ -92,18 +94,20 @@ def cli(argv: list[str]) -> int:
     rec = RunRecord(out, "interpolate", config=cfg, seed=cfg.seed, device=device)
     rec.add(orbit_dir=str(args.orbit_dir), num_interp=args.num_interp)
     model_path = out / "gaussians.pt"
+    fingerprint = _fingerprint(cfg, args.orbit_dir)
+    ckpt = out / f"gaussians.ckpt-{hashlib.sha256(fingerprint.encode()).hexdigest()[:10]}.pt"
     model = None
     if model_path.is_file():
         saved = torch.load(model_path, map_location="cpu", weights_only=True)
-        if saved.get("config") == _fingerprint(cfg, args.orbit_dir):
+        if saved.get("config") == fingerprint:
             model = GaussianModel.load(model_path, device)
             print(f"reusing {model_path}")
     if model is None:
         with rec.stage("fit") as entry:
-            model = fit_gaussians(orbit, cfg, checkpoint=out / "gaussians.ckpt.pt")
+            model = fit_gaussians(orbit, cfg, checkpoint=ckpt)  # resumes an interrupted fit of this config
             entry["num_gaussians"] = len(model)
-        model.save(model_path, config=_fingerprint(cfg, args.orbit_dir))
-        (out / "gaussians.ckpt.pt").unlink(missing_ok=True)
+        model.save(model_path, config=fingerprint)
+        ckpt.unlink(missing_ok=True)
     with rec.stage("render") as entry:
         views = interpolate_views(orbit, args.num_interp, cfg, model=model)
         entry["num_views"] = len(views)

@@ -270,7 +270,8 @@ def rasterize_tiles(means, quats, scales, opacities, colors, c2w, K, width: int,
                     chunk_elements: int = 1 << 21) -> Rendered:
     """The CPU tile rasteriser (plain torch); same results as ``rasterize_dense``.
 
-    ``chunk_elements`` bounds the ``[tiles, K, pixels]`` block evaluated at once (memory ~ 15x that in floats).
+    ``chunk_elements`` bounds the ``[tiles, K, pixels]`` block evaluated at once (a few times that many floats
+    are live in the backward); small blocks stay in cache.
     """
     dt, dev = means.dtype, means.device
     C = colors.shape[-1]
@@ -307,10 +308,7 @@ def rasterize_gsplat(means, quats, scales, opacities, colors, c2w, K, width: int
 
     dt = means.dtype
     C = colors.shape[-1]
-    bg = None
-    if background is not None:
-        bg = torch.cat([torch.as_tensor(background, dtype=dt, device=means.device).reshape(C),
-                        torch.zeros(1, dtype=dt, device=means.device)])[None]
+    bg = None if background is None else torch.as_tensor(background, dtype=dt, device=means.device).reshape(1, C)
     renders, alphas, info = rasterization(
         means, quats, scales, opacities, colors, _viewmat(c2w).to(dt)[None].to(means.device),
         K.to(dt)[None].to(means.device), width, height, near_plane=near, eps2d=eps2d,
