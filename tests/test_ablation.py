@@ -97,6 +97,7 @@ def test_ablation_config_errors_and_hooks(tmp_path):
         del ablation.GENERATORS["test"]
     assert seen == {"shape": (48, 48, 4), "elevation": 30.0, "stage2": "bicubic", "options": {"steps": 2}}
     assert res["rows"][0]["stage2"] == "bicubic" and res["rows"][0]["iou"] > 0.5
+    assert (tmp_path / "g" / "ablation.md").read_text().startswith("views: generated, stage 2: bicubic, reconstructor: fn")
 
 
 def test_upscale_views_bicubic():

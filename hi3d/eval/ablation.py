@@ -250,6 +250,7 @@ def run_ablation(cfg: AblationConfig, reconstruct: Callable[..., Path] | None = 
     if any(m < 0 for m in cfg.m_values):
         raise Hi3DError(f"m_values must be >= 0, got {cfg.m_values}")
     sources = [object_source(o, cfg) for o in cfg.objects]
+    custom = reconstruct
     reconstruct = reconstruct or resolve_hook(cfg.reconstructor, RECONSTRUCTORS, "reconstructor")
     out = Path(cfg.out)
     rec = RunRecord(out, "ablate-m", config=cfg, seed=cfg.seed)
@@ -271,7 +272,8 @@ def run_ablation(cfg: AblationConfig, reconstruct: Callable[..., Path] | None = 
             try:
                 with rec.stage(f"{name}/M{m}") as entry:
                     mesh = reconstruct(views_dir, run_dir, m, list(cfg.reconstruct_overrides))
-                    row = {"object": name, "m": m, "views": cfg.views, "stage2": cfg.stage2,
+                    row = {"object": name, "m": m, "views": cfg.views,
+                           "stage2": cfg.stage2 if cfg.views == "generated" else None,
                            **score_reconstruction(Path(mesh), views_dir, mesh_path, cfg)}
                     entry.update({k: row[k] for k in SCORES})
                 write_json(done, row)
@@ -281,7 +283,9 @@ def run_ablation(cfg: AblationConfig, reconstruct: Callable[..., Path] | None = 
                 log.warning("%s M=%d failed: %s", name, m, e)
                 write_bytes(run_dir / "error.txt", traceback.format_exc().encode())
                 failed.append({"object": name, "m": m, "error": f"{type(e).__name__}: {e}"})
-    result = {"views": cfg.views, "stage2": cfg.stage2, "rows": rows, "mean_by_m": mean_by_m(rows), "failed": failed}
+    result = {"views": cfg.views, "stage2": cfg.stage2 if cfg.views == "generated" else "n/a (GT views)",
+              "reconstructor": getattr(custom, "__name__", "custom") if custom else cfg.reconstructor,
+              "rows": rows, "mean_by_m": mean_by_m(rows), "failed": failed}
     write_outputs(out, result)
     rec.finish(failed=failed)
     return result
@@ -304,7 +308,7 @@ def write_outputs(out: Path, result: dict) -> None:
     lines += [f"mean,{r['m']}," + ",".join(f"{r[k]:.6f}" for k in SCORES) for r in means]
     lines += [f"{f['object']},{f['m']},failed,," for f in result["failed"]]
     write_bytes(out / "ablation.csv", ("\n".join(lines) + "\n").encode())
-    md = [f"views: {result['views']}, stage 2: {result['stage2']}", "",
+    md = [f"views: {result['views']}, stage 2: {result['stage2']}, reconstructor: {result.get('reconstructor')}", "",
           "| object | M | Chamfer ↓ | IoU ↑ | F-score ↑ |", "|---|---|---|---|---|"]
     md += [f"| {r['object']} | {r['m']} | {r['chamfer']:.4f} | {r['iou']:.4f} | {r['f_score']:.4f} |" for r in rows]
     md += [f"| **mean ({r['objects']})** | {r['m']} | {r['chamfer']:.4f} | {r['iou']:.4f} | {r['f_score']:.4f} |"
