@@ -79,7 +79,7 @@ def reconstruct(orbit_dir: str | Path, out_dir: str | Path, num_interp: int, cfg
             interp = _load_interp(interp_dir, num_interp)
             entry["skipped"] = interp is not None
             if interp is None:
-                interp = interpolate_views(orbit.select(slice(None)), num_interp, cfg.gaussians,
+                interp = interpolate_views(orbit, num_interp, cfg.gaussians,
                                            checkpoint=interp_dir / "gaussians.ckpt.pt")
                 save_orbit(interp, interp_dir)
                 (interp_dir / "gaussians.ckpt.pt").unlink(missing_ok=True)
