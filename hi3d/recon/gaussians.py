@@ -33,12 +33,12 @@ SH_C0 = 0.28209479177387814
 
 @dataclasses.dataclass
 class GaussianConfig:
-    iterations: int = 1500
+    iterations: int = 500
     seed: int = 0
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto" (CUDA when present)
     train_resolution: int = 256  # views are resized to this for fitting (0 = as given)
     sh_degree: int = 0
-    num_points: int = 4000  # initial Gaussians
+    num_points: int = 5000  # initial Gaussians
     init_opacity: float = 0.1
     hull_resolution: int = 64  # voxel grid for the visual hull (per axis, over [-0.6, 0.6]^3)
     hull_dilate_px: int = 2  # masks are dilated by this many pixels before carving
@@ -51,11 +51,11 @@ class GaussianConfig:
     lr_colors: float = 2.5e-3  # SH degree 0; higher bands use lr / 20
     # loss
     ssim_lambda: float = 0.2  # (1 - λ) L1 + λ (1 - SSIM)
-    mask_weight: float = 0.0  # optional L1 between rendered alpha and the view alpha
+    mask_weight: float = 0.1  # optional L1 between rendered alpha and the view alpha
     # densification (3DGS / gsplat DefaultStrategy rules)
-    densify_start: int = 200
-    densify_stop: int = 1200
-    densify_every: int = 100
+    densify_start: int = 100
+    densify_stop: int = 350
+    densify_every: int = 50
     grow_grad2d: float = 2e-4
     grow_scale3d: float = 0.01
     prune_opacity: float = 0.005

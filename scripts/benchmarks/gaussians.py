@@ -4,11 +4,11 @@
    ratio to the dense evaluation (every pixel x every Gaussian; timed on a pixel strip and scaled by the
    pixel count, since its cost is linear in pixels and the full image does not fit in memory) and to
    gsplat's torch reference helpers where they run on CPU (projection; tile intersection on a subset).
-2. The whole 16-view fit of a real object (bunny) at 256² with ``configs/recon/gaussians.yaml``: wall
+2. The whole 16-view fit of a real object (``--object bunny|spider``) at 256² with ``configs/recon/gaussians.yaml``: wall
    time, Gaussians, and PSNR / SSIM against the renderer's ground truth for the training views (M = 0)
    and the M = 16 and M = 32 interpolated cameras.
 
-    .venv/bin/python scripts/benchmarks/gaussians.py [--out outputs/benchmarks] [--skip-fit] [key=value ...]
+    .venv/bin/python scripts/benchmarks/gaussians.py [--out outputs/benchmarks] [--skip-fit] [--object spider] [key=value ...]
 
 Writes ``OUT/gaussians.json`` and ``OUT/gaussians.md``.
 """
@@ -107,7 +107,10 @@ def bench_rasteriser(n: int, size: int, repeats: int, strip: int) -> dict:
     }
 
 
-def bench_fit(overrides: list[str], size: int, out: Path) -> dict:
+OBJECTS = {"bunny": "/usr/share/glmark2/models/bunny.obj", "spider": "/usr/share/assimp/models/OBJ/spider.obj"}
+
+
+def bench_fit(overrides: list[str], size: int, out: Path, name: str = "bunny") -> dict:
     from hi3d.config import load_config
     from hi3d.data.orbit import load_orbit, save_orbit
     from hi3d.data.render import RenderConfig, render_orbit, render_views
@@ -115,17 +118,17 @@ def bench_fit(overrides: list[str], size: int, out: Path) -> dict:
     from hi3d.recon.gaussians import GaussianConfig, fit_gaussians
     from hi3d.recon.interpolate import interpolated_cameras, render_orbit_views
 
-    mesh = "/usr/share/glmark2/models/bunny.obj"
+    mesh = OBJECTS[name]
     if not Path(mesh).is_file():
-        return {"skipped": "apt-get install glmark2-data"}
-    gt_dir = out / f"gaussians_gt_bunny_{size}"
+        return {"skipped": f"{mesh} missing (scripts/bootstrap.sh installs it)"}
+    gt_dir = out / f"gaussians_gt_{name}_{size}"
     if not (gt_dir / "cameras.json").is_file():
         save_orbit(render_orbit(mesh, RenderConfig(resolution=size, num_views=16)), gt_dir)
     orbit = load_orbit(gt_dir)
     cfg = load_config(GaussianConfig, ROOT / "configs/recon/gaussians.yaml", overrides)
     t = time.perf_counter()
     model = fit_gaussians(orbit, cfg)
-    result = {"config_overrides": overrides, "fit_wall_s": time.perf_counter() - t, "gaussians": len(model),
+    result = {"object": name, "config_overrides": overrides, "fit_wall_s": time.perf_counter() - t, "gaussians": len(model),
               "views": {}}
     for m in (0, 16, 32):
         if m == 0:
@@ -147,6 +150,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--object", default="bunny", choices=sorted(OBJECTS))
     p.add_argument("--skip-fit", action="store_true")
     p.add_argument("--skip-raster", action="store_true")
     p.add_argument("overrides", nargs="*", help="GaussianConfig overrides for the fit")
@@ -158,7 +162,7 @@ def main() -> None:
         res["rasteriser"] = bench_rasteriser(args.gaussians, args.size, args.repeats, strip=2)
         print(res["rasteriser"])
     if not args.skip_fit:
-        res["fit"] = bench_fit(args.overrides, args.size, out)
+        res["fit"] = bench_fit(args.overrides, args.size, out, args.object)
         print(res["fit"])
     res["machine"]["load_avg_end"] = os.getloadavg()
     write_json(out / "gaussians.json", res)
@@ -175,7 +179,7 @@ def main() -> None:
                   f"- gsplat torch rasterize_to_pixels: {r['gsplat_torch_rasterize_to_pixels']}", ""]
     if "fit" in res and "views" in res["fit"]:
         f = res["fit"]
-        lines += [f"16-view bunny fit at {args.size}²: {f['fit_wall_s']:.0f} s, {f['gaussians']} Gaussians", "",
+        lines += [f"16-view {f['object']} fit at {args.size}²: {f['fit_wall_s']:.0f} s, {f['gaussians']} Gaussians", "",
                   "| cameras | PSNR | SSIM |", "|---|---|---|"]
         lines += [f"| {k} ({v['count']} views) | {v['psnr']:.2f} | {v['ssim']:.4f} |" for k, v in f["views"].items()]
     lines += ["", f"load average start/end: {res['machine']['load_avg_start']} / {res['machine']['load_avg_end']}"]
