@@ -312,7 +312,7 @@ def rasterize_gsplat(means, quats, scales, opacities, colors, c2w, K, width: int
     renders, alphas, info = rasterization(
         means, quats, scales, opacities, colors, _viewmat(c2w).to(dt)[None].to(means.device),
         K.to(dt)[None].to(means.device), width, height, near_plane=near, eps2d=eps2d,
-        render_mode="RGB+ED", backgrounds=bg)
+        render_mode="RGB+ED", backgrounds=bg, packed=False)
     radii = info["radii"][0].float()
     radii = radii.max(-1).values if radii.dim() == 2 else radii
     return Rendered(renders[0, ..., :C], alphas[0, ..., 0], renders[0, ..., C],
