@@ -125,11 +125,15 @@ def test_ablate_m_script_errors(capsys):
 
 @pytest.mark.slow
 def test_ablate_m_real_reconstruction(tmp_path):
-    """The acceptance run: 'hi3d reconstruct' on the GT orbits (256²) of 3 real objects for several M."""
+    """The acceptance run: 'hi3d reconstruct' on the GT orbits (256²) of 3 real objects for M = 0, 16 with a
+    short CPU schedule (about 5-10 min per reconstruction on 2 cores)."""
     pytest.importorskip("hi3d.recon.reconstruct")
     objects = ",".join(str(real_object(n)) for n in ("bunny", "spider", "wuson"))
     main = runpy.run_path(str(REPO / "scripts" / "ablate_m.py"))["main"]
-    assert main(["--objects", objects, "--views", "gt", "--m", "0,16", "--out", str(tmp_path)]) == 0
+    short = ["--config", str(REPO / "configs" / "recon" / "neus.yaml"), "--no-progress", "gaussians.iterations=60",
+             "gaussians.densify_stop=50", "neus.iterations=60", "mesh.resolution=128"]
+    assert main(["--objects", objects, "--views", "gt", "--m", "0,16", "--out", str(tmp_path),
+                 f"reconstruct_overrides=[{','.join(short)}]"]) == 0
     res = json.loads((tmp_path / "ablation.json").read_text())
     assert not res["failed"] and len(res["rows"]) == 6 and (tmp_path / "ablation.png").is_file()
 
