@@ -57,3 +57,24 @@ def tiny_text_to_image_pipeline(seed: int = 0):
 def save_tiny_text_to_image(folder: str | Path, seed: int = 0) -> Path:
     tiny_text_to_image_pipeline(seed).save_pretrained(folder)
     return Path(folder)
+
+
+def save_tiny_weights(folder: str | Path, num_frames: int = 4, resolution: int = 32, steps: int = 2,
+                      seed: int = 0, text_to_image: bool = True) -> Path:
+    """A complete ``hi3d generate`` weights folder of tiny random models (stage 1 at ``resolution``,
+    stage 2 at twice that, its tiny DPT depth model, and optionally a tiny Stable Diffusion)."""
+    from hi3d.models import stage1, stage2
+    from hi3d.pipelines.orbit import OrbitPipeline
+    from hi3d.pipelines.refine import RefinePipeline
+
+    folder = Path(folder)
+    tiny1 = stage1.TinyConfig(enabled=True, seed=seed)
+    c1 = stage1.Stage1Config(num_frames=num_frames, resolution=resolution, num_inference_steps=steps, tiny=tiny1)
+    OrbitPipeline.from_components(stage1.tiny_components(c1), c1).save_pretrained(folder / "stage1")
+    tiny2 = stage1.TinyConfig(enabled=True, seed=seed + 1)
+    c2 = stage2.Stage2Config(num_frames=num_frames, resolution=2 * resolution, num_inference_steps=steps, tiny=tiny2)
+    c2.depth.input_size = 32
+    RefinePipeline.from_components(stage2.tiny_components(c2), c2).save_pretrained(folder / "stage2")
+    if text_to_image:
+        save_tiny_text_to_image(folder / "text_to_image", seed)
+    return folder

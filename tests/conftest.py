@@ -6,6 +6,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per test worker (scripts/run_tests.sh runs two)
 
 # Loading triton's LLVM after Mesa's EGL (llvmpipe) has loaded its own segfaults the process; torch imports
 # triton lazily (torch._dynamo, e.g. from torch.optim), so import it before any test renders.

@@ -75,6 +75,12 @@ def resolve_elevation(cfg: RenderConfig) -> float:
 def _pyrender():
     """Import pyrender on EGL (headless) unless the user chose another PyOpenGL platform."""
     os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+    # Mesa's llvmpipe and triton (imported later by torch._dynamo, e.g. through diffusers) each carry their
+    # own LLVM; triton segfaults when it loads after Mesa's, so load it first.
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
     try:
         import pyrender
     except Exception as e:  # ImportError, or OpenGL failing to find libEGL

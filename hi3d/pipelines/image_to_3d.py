@@ -1,0 +1,223 @@
+"""Image (or text) -> textured mesh through stage 1, stage 2, the 3DGS interpolator and NeuS.
+
+``generate_one(source, out_dir, cfg)`` writes, for each seed ``s`` (``out_dir/seed_<s>/`` when
+``num_seeds > 1``, else ``out_dir/``):
+
+```
+input.png            the input as RGBA (object mask in alpha); text inputs: the generated image too
+stage1/              orbit folder: 16 frames at the stage-1 resolution (alpha from the white background)
+depth/NNN.png        per-frame min-max normalised depth of the stage-1 frames (stage 2's condition)
+stage2/              orbit folder: refined frames at the stage-2 resolution (or bicubic / stage-1 copies)
+recon/               hi3d reconstruct output: interp/ (M views), mesh.glb/.obj/.ply, turntable.png
+contact_sheet.png    stage-1 row, stage-2 row
+run.json             config, seed, weight hashes, versions, per-stage time and peak memory
+```
+Each stage is skipped when its output is complete (an orbit folder's ``cameras.json`` is written last),
+so re-running resumes after the last finished stage. ``stages`` stops after any stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from hi3d.data.orbit import Orbit, load_orbit, save_orbit
+from hi3d.errors import Hi3DError
+from hi3d.io import contact_sheet, load_png, save_png
+from hi3d.pipelines.inputs import InputConfig, load_input, to_rgba
+from hi3d.pipelines.text_to_image import TextToImageConfig
+from hi3d.recon.reconstruct import ReconstructConfig
+
+STAGES = ("stage1", "stage2", "interpolate", "mesh")
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    weights: str | None = None  # folder laid out as in hi3d.pipelines.weights
+    elevation: float = 20.0  # degrees, camera elevation of the input view
+    seed: int = 0
+    num_seeds: int = 1  # seeds seed, seed+1, ...: one orbit and mesh each
+    num_interp: int = 16  # M interpolated views for NeuS (0 = plain NeuS)
+    stages: str = "mesh"  # stop after: stage1 | stage2 | interpolate | mesh
+    stage2: str = "model"  # model | bicubic (appendix baseline) | none (stage-1 frames go to reconstruction)
+    use_depth: bool = True  # False: stage 2 sees zero depth (ablation)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # float32 | float16 | bfloat16 (GPU)
+    low_memory: bool = False  # stage 2 on a 24 GB GPU: chunked VAE, SDPA, model CPU offload
+    stage1_steps: int = 25
+    stage2_steps: int = 25
+    background_threshold: float = 0.04  # generated frames: max-channel distance from white that is object
+    inputs: InputConfig = dataclasses.field(default_factory=InputConfig)
+    text: TextToImageConfig = dataclasses.field(default_factory=TextToImageConfig)
+    recon: ReconstructConfig = dataclasses.field(default_factory=ReconstructConfig)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise Hi3DError(f"device '{name}' requested but CUDA is not available (use device=cpu)")
+    return torch.device(name)
+
+
+def white_background_rgba(frames: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``[N, 3, H, W]`` in [0, 1] on white -> ``[N, H, W, 4]`` with alpha = pixels farther than
+    ``threshold`` from white (max over channels)."""
+    rgb = frames.permute(0, 2, 3, 1).float()
+    alpha = ((1.0 - rgb).amax(-1) > threshold).float()
+    return torch.cat([rgb, alpha[..., None]], -1)
+
+
+def _orbit_done(path: Path) -> Orbit | None:
+    return load_orbit(path, load_depth=False) if (path / "cameras.json").is_file() else None
+
+
+class ImageTo3D:
+    """Holds the loaded models; ``run(rgba, out_dir, seed)`` makes one object. Models load on first use."""
+
+    def __init__(self, cfg: GenerateConfig):
+        if cfg.stages not in STAGES:
+            raise Hi3DError(f"stages='{cfg.stages}' is not one of {', '.join(STAGES)}")
+        if cfg.stage2 not in ("model", "bicubic", "none"):
+            raise Hi3DError(f"stage2='{cfg.stage2}' is not one of model, bicubic, none")
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.dtype]
+        self.weights = Path(cfg.weights) if cfg.weights else None
+        self._stage1 = self._stage2 = None
+
+    def _folder(self, name: str) -> Path:
+        if self.weights is None:
+            raise Hi3DError("no weights folder: pass --weights DIR (layout in the README; check it with "
+                            "`hi3d check-weights DIR`)")
+        path = self.weights / name
+        if not path.is_dir():
+            raise Hi3DError(f"weights folder {self.weights} has no {name}/ (layout in the README; check it with "
+                            f"`hi3d check-weights {self.weights}`)")
+        return path
+
+    @property
+    def stage1(self):
+        if self._stage1 is None:
+            from hi3d.pipelines.orbit import OrbitPipeline
+
+            pipe = OrbitPipeline.from_pretrained(self._folder("stage1"), torch_dtype=self.dtype, device=self.device)
+            if pipe.unet.config.in_channels != 8:
+                raise Hi3DError(f"incompatible checkpoint shapes: {self._folder('stage1')}/unet takes "
+                                f"{pipe.unet.config.in_channels} input channels, a stage-1 model takes 8 — is a stage-2 "
+                                "model in stage1/? Re-convert with scripts/convert_checkpoint.py")
+            self._stage1 = pipe
+        return self._stage1
+
+    @property
+    def stage2(self):
+        if self._stage2 is None:
+            from hi3d.pipelines.refine import RefinePipeline
+
+            self._stage2 = RefinePipeline.from_pretrained(
+                self._folder("stage2"), torch_dtype=self.dtype,
+                device=None if self.cfg.low_memory else self.device,
+                low_memory=self.cfg.low_memory, use_depth=self.cfg.use_depth)
+        return self._stage2
+
+    def run(self, rgba: torch.Tensor, out_dir: str | Path, seed: int, record) -> dict[str, Path]:
+        """Make (or resume) one object from ``rgba [H, W, 4]``; ``record`` is the run's ``RunRecord``."""
+        cfg, out = self.cfg, Path(out_dir)
+        files: dict[str, Path] = {}
+        if not (out / "input.png").is_file():
+            save_png(out / "input.png", rgba)
+        stop = STAGES.index(cfg.stages)
+
+        with record.stage(f"stage1/seed_{seed}") as entry:
+            s1 = _orbit_done(out / "stage1")
+            entry["skipped"] = s1 is not None
+            if s1 is None:
+                result = self.stage1(rgba, cfg.elevation, seeds=[seed], num_inference_steps=cfg.stage1_steps)
+                s1 = result.to_orbit(0)
+                s1.rgba = white_background_rgba(result.frames[0], cfg.background_threshold)
+                s1.source = ["generated"] * len(s1)
+                save_orbit(s1, out / "stage1")
+        files["stage1"] = out / "stage1"
+        if stop == 0:
+            return files
+
+        with record.stage(f"stage2/seed_{seed}") as entry:
+            s2 = _orbit_done(out / "stage2")
+            entry["skipped"] = s2 is not None
+            entry["mode"] = cfg.stage2
+            if s2 is None:
+                s2 = self._refine(s1, seed, out)
+                save_orbit(s2, out / "stage2")
+        files["stage2"] = out / "stage2"
+        sheet = out / "contact_sheet.png"
+        if not sheet.is_file():
+            n = len(s1)
+            small = torch.nn.functional.interpolate(s2.rgba.permute(0, 3, 1, 2), size=s1.rgba.shape[1:3],
+                                                    mode="bilinear", antialias=True).permute(0, 2, 3, 1)
+            save_png(sheet, contact_sheet(list(s1.rgba) + list(small), cols=n))
+        files["contact_sheet"] = sheet
+        if stop == 1:
+            return files
+
+        from hi3d.recon.reconstruct import reconstruct
+
+        with record.stage(f"reconstruct/seed_{seed}") as entry:
+            entry["num_interp"] = cfg.num_interp
+            if stop == 2:  # interpolation only
+                from hi3d.recon.interpolate import interpolate_views
+
+                if not (out / "recon" / "interp" / "cameras.json").is_file():
+                    save_orbit(interpolate_views(s2, cfg.num_interp, cfg.recon.gaussians), out / "recon" / "interp")
+                files["interp"] = out / "recon" / "interp"
+                return files
+            files.update(reconstruct(out / "stage2", out / "recon", cfg.num_interp, cfg.recon, progress=False))
+        return files
+
+    def _refine(self, s1: Orbit, seed: int, out: Path) -> Orbit:
+        """Stage 2 (or its ablation baselines) on the stage-1 orbit; writes the depth maps it conditions on."""
+        cfg = self.cfg
+        frames = s1.rgb_on_white().permute(0, 3, 1, 2)
+        if cfg.stage2 == "none":
+            refined, scale = frames, 1
+        else:
+            pipe = self.stage2
+            size = pipe.config.resolution
+            scale = size / s1.width
+            if cfg.stage2 == "bicubic":
+                from hi3d.pipelines.refine import upsample
+
+                refined = upsample(frames[None], size)[0]
+            else:
+                if cfg.use_depth:
+                    from hi3d.models.depth import normalise_per_frame
+
+                    with torch.no_grad():
+                        depth = normalise_per_frame(pipe.depth.predict(frames.to(self.device)).cpu())
+                    for i, d in enumerate(depth):
+                        save_png(out / "depth" / f"{i:03d}.png", d[..., None])
+                refined = pipe(frames, float(s1.elevation_deg[0]), seed=seed, num_inference_steps=cfg.stage2_steps)
+        rgba = white_background_rgba(refined, cfg.background_threshold)
+        K = s1.K.clone()
+        K[:, :2] *= scale
+        return dataclasses.replace(s1, rgba=rgba, K=K, source=[f"stage2-{cfg.stage2}"] * len(s1))
+
+
+def prompt_image(prompt: str, cfg: GenerateConfig, weights: Path, out: Path, seed: int) -> torch.Tensor:
+    """Text -> RGBA object image through the local text-to-image model (cached as ``out/text_image.png``)."""
+    from hi3d.pipelines.text_to_image import load_text_to_image, text_to_image
+
+    path = out / "text_image.png"
+    if not path.is_file():
+        device = resolve_device(cfg.device)
+        pipe = load_text_to_image(weights / "text_to_image", device)
+        save_png(path, text_to_image(pipe, prompt, cfg.text, torch.Generator(device).manual_seed(seed)))
+    return to_rgba(load_png(path)[..., :3], dataclasses.replace(cfg.inputs, background_removal=None), name=prompt)
+
+
+def input_rgba(source: str | Path, cfg: GenerateConfig) -> torch.Tensor:
+    inputs = cfg.inputs
+    if inputs.background_removal is None and cfg.weights and (Path(cfg.weights) / "background_removal").is_dir():
+        inputs = dataclasses.replace(inputs, background_removal=str(Path(cfg.weights) / "background_removal"))
+    return load_input(source, inputs)
