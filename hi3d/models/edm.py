@@ -85,3 +85,16 @@ def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next
     """One Euler step of the probability-flow ODE: d = (x − D(x; σ)) / σ,  x' = x + (σ' − σ)·d."""
     d = (x - denoised) / sigma
     return x + (sigma_next - sigma) * d
+
+
+def denoising_loss(unet_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z: torch.Tensor,
+                   P_mean: float, P_std: float, generator: torch.Generator | None) -> torch.Tensor:
+    """EDM training loss of clean latents ``z [B, ...]``: σ ~ lnN(P_mean, P_std²) per video, x = z + σ·n,
+    ``mean_B[ (σ²+1)/σ² · mean((D(x; σ) − z)²) ]`` with the preconditioned denoiser D of ``denoise``."""
+    gdev = generator.device if generator is not None else "cpu"
+    sigma = sample_sigma(z.shape[0], P_mean, P_std, generator, gdev).to(z.device)
+    noise = torch.randn(z.shape, generator=generator, device=generator.device if generator is not None else z.device,
+                        dtype=torch.float32).to(z.device)
+    denoised = denoise(unet_fn, z + append_dims(sigma, z.ndim) * noise, sigma)
+    per_video = ((denoised.float() - z) ** 2).flatten(1).mean(1)
+    return (loss_weight(sigma) * per_video).mean()

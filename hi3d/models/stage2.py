@@ -218,13 +218,8 @@ class Stage2Task:
 
     def training_loss(self, unet: torch.nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
         z, concat, clip, ids = self.conditions(batch, generator)
-        B = z.shape[0]
-        gdev = generator.device if generator is not None else "cpu"
-        sigma = edm.sample_sigma(B, self.cfg.P_mean, self.cfg.P_std, generator, gdev).to(z.device)
-        noisy = z + edm.append_dims(sigma, z.ndim) * randn(z.shape, generator, z.device)
-        denoised = edm.denoise(lambda x, c: unet_forward(unet, x, c, concat, clip, ids), noisy, sigma)
-        per_video = ((denoised.float() - z) ** 2).flatten(1).mean(1)
-        return (edm.loss_weight(sigma) * per_video).mean()
+        return edm.denoising_loss(lambda x, c: unet_forward(unet, x, c, concat, clip, ids), z, self.cfg.P_mean,
+                                  self.cfg.P_std, generator)
 
     @torch.no_grad()
     def sample(self, unet: torch.nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:

@@ -9,8 +9,6 @@ SVD), input noise-augmented with strength 0.02, frame 0 of the output replaced b
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +17,7 @@ import torch
 from hi3d import cameras
 from hi3d.config import to_dict
 from hi3d.errors import Hi3DError
-from hi3d.io import write_json
+from hi3d.io import atomic_folder, write_json
 from hi3d.models import edm
 from hi3d.models.conditioning import added_time_ids
 from hi3d.models.stage1 import PIPELINE_FILE, Stage1Components, Stage1Config, load_stage1
@@ -81,25 +79,16 @@ class OrbitPipeline:
     def save_pretrained(self, folder: str | Path) -> None:
         """Write ``unet/ vae/ image_encoder/ feature_extractor/`` + ``hi3d_pipeline.json`` (the config, incl.
         the slot layout). Written to a temporary folder, then swapped in."""
-        folder = Path(folder)
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        unwrap = getattr(self.unet, "module", self.unet)  # DDP-wrapped UNet from the training loop
-        unwrap.save_pretrained(tmp / "unet")
-        self.vae.save_pretrained(tmp / "vae")
-        self.image_encoder.save_pretrained(tmp / "image_encoder")
-        self.feature_extractor.save_pretrained(tmp / "feature_extractor")
-        cfg = to_dict(self.config)
-        cfg["pretrained"] = None
-        cfg["tiny"]["enabled"] = False
-        write_json(tmp / PIPELINE_FILE, cfg)
-        old = folder.with_name(f".{folder.name}.old")
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_folder(folder) as tmp:
+            unwrap = getattr(self.unet, "module", self.unet)  # DDP-wrapped UNet from the training loop
+            unwrap.save_pretrained(tmp / "unet")
+            self.vae.save_pretrained(tmp / "vae")
+            self.image_encoder.save_pretrained(tmp / "image_encoder")
+            self.feature_extractor.save_pretrained(tmp / "feature_extractor")
+            cfg = to_dict(self.config)
+            cfg["pretrained"] = None
+            cfg["tiny"]["enabled"] = False
+            write_json(tmp / PIPELINE_FILE, cfg)
 
     def to(self, device=None, dtype=None) -> "OrbitPipeline":
         for m in (self.unet, self.vae, self.image_encoder):

@@ -20,8 +20,6 @@ device offloading is a no-op.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -30,7 +28,7 @@ import torch.nn.functional as F
 
 from hi3d.config import to_dict
 from hi3d.errors import Hi3DError
-from hi3d.io import write_json
+from hi3d.io import atomic_folder, write_json
 from hi3d.models import edm
 from hi3d.models.conditioning import added_time_ids
 from hi3d.models.stage1 import PIPELINE_FILE
@@ -83,25 +81,16 @@ class RefinePipeline:
     def save_pretrained(self, folder: str | Path) -> None:
         """Write ``unet/ vae/ image_encoder/ feature_extractor/ depth/`` + ``hi3d_pipeline.json`` (the
         stage-2 config) to a temporary folder, then swap it in."""
-        folder = Path(folder)
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        getattr(self.unet, "module", self.unet).save_pretrained(tmp / "unet")
-        self.vae.save_pretrained(tmp / "vae")
-        self.image_encoder.save_pretrained(tmp / "image_encoder")
-        self.feature_extractor.save_pretrained(tmp / "feature_extractor")
-        self.depth.save_pretrained(tmp / "depth")
-        cfg = to_dict(self.config)
-        cfg["pretrained"], cfg["depth"]["pretrained"] = None, None
-        cfg["tiny"]["enabled"] = False
-        write_json(tmp / PIPELINE_FILE, cfg)
-        old = folder.with_name(f".{folder.name}.old")
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_folder(folder) as tmp:
+            getattr(self.unet, "module", self.unet).save_pretrained(tmp / "unet")
+            self.vae.save_pretrained(tmp / "vae")
+            self.image_encoder.save_pretrained(tmp / "image_encoder")
+            self.feature_extractor.save_pretrained(tmp / "feature_extractor")
+            self.depth.save_pretrained(tmp / "depth")
+            cfg = to_dict(self.config)
+            cfg["pretrained"], cfg["depth"]["pretrained"] = None, None
+            cfg["tiny"]["enabled"] = False
+            write_json(tmp / PIPELINE_FILE, cfg)
 
     def _models(self):
         return (self.unet, self.vae, self.image_encoder, self.depth)
