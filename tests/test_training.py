@@ -226,7 +226,6 @@ def stage1_overrides(root, out, **kw):
     return [f"{k}={v}" for k, v in {**base, **kw}.items()]
 
 
-@pytest.mark.slow  # ~1 min on an idle 2-core CPU (several under load)
 def test_stage1_resume_equals_uninterrupted(dataset, tmp_path):
     from hi3d.config import load_config
     from hi3d.data.datasets import build_dataset
@@ -250,7 +249,6 @@ def test_stage1_resume_equals_uninterrupted(dataset, tmp_path):
     assert full.losses[2:] == pytest.approx(resumed.losses, abs=1e-6)
 
 
-@pytest.mark.slow  # ~20 s on an idle 2-core CPU, > 60 s under load
 def test_two_process_accelerate_launch_sees_different_data(dataset, tmp_path):
     """``accelerate launch --multi_gpu --num_processes 2`` with ACCELERATE_USE_CPU=1: two gloo processes on
     the CPU (``--cpu --num_processes 2`` alone starts one process unless MPI is installed)."""
