@@ -12,16 +12,13 @@ the UNet, the loss is on the clean frames.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
-from hi3d.cli import add_config_args
-from hi3d.config import load_config
-from hi3d.data.datasets import DataConfig, build_dataset, first_samples
-from hi3d.errors import ConfigError, Hi3DError
+from hi3d.data.datasets import DataConfig
 from hi3d.models.stage2 import Stage2Config, Stage2Task
-from hi3d.training.loop import TrainConfig, train
+from hi3d.training.loop import TrainConfig
+from hi3d.training.script import run_training
 
 
 @dataclasses.dataclass
@@ -34,23 +31,7 @@ class Stage2TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(Stage2TrainConfig, args.config, args.overrides + (["train.resume=true"] if args.resume else []))
-        for key in ("num_frames", "resolution"):
-            if getattr(cfg.data, key) != getattr(cfg.model, key):
-                raise ConfigError(f"data.{key} ({getattr(cfg.data, key)}) differs from model.{key} "
-                                  f"({getattr(cfg.model, key)}); set both to the same value")
-        dataset = build_dataset(cfg.data)
-        val = first_samples(dataset, cfg.val_objects) if cfg.val_objects > 0 else None
-        train(cfg.train, Stage2Task(cfg.model), dataset, val, record_config=cfg, command="train_stage2")
-    except Hi3DError as e:
-        print(f"train_stage2: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_training(Stage2TrainConfig, Stage2Task, "train_stage2", __doc__, argv)
 
 
 if __name__ == "__main__":
