@@ -92,7 +92,7 @@ def test_same_seed_same_stage_outputs(tmp_path, weights, spider_image):
 @pytest.mark.parametrize("stages", ["stage1", pytest.param("mesh", marks=pytest.mark.slow)])
 def test_text_to_3d(tmp_path, weights, stages):
     out = tmp_path / "text"
-    assert _generate("--text", "a red chair", "--out", out, "--weights", weights, "--num-interp", 0, "--stages",
+    assert _generate("--text", "a red chair", "--out", out, "--weights", weights, "--num-interp", 4, "--stages",
                      stages, "inputs.min_object_fraction=0", "text.resolution=32", "text.num_inference_steps=2",
                      *FAST_RECON) == 0
     assert (out / "text_image.png").is_file() and (out / "stage1/cameras.json").is_file()
