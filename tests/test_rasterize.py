@@ -152,7 +152,7 @@ def test_float32_training_precision():
 
 @pytest.mark.gpu
 def test_gsplat_cuda_matches_ours():
-    params = [p.detach().float().cuda().requires_grad_() for p in random_scene(500, 8, opacity=(0.0, 0.9))]
+    params = [p.detach().float().to(torch.device("cuda")).requires_grad_() for p in random_scene(500, 8, opacity=(0.0, 0.9))]
     c2w, K = camera(64, 64)
     ours = rasterize_tiles(*[p.detach().cpu() for p in params], c2w, K, 64, 64, background=torch.ones(3))
     theirs = rasterize(*params, c2w, K, 64, 64, background=torch.ones(3, device="cuda"))

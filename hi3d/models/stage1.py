@@ -20,7 +20,7 @@ from hi3d.models import edm
 from hi3d.models.conditioning import (SVD_SLOTS, adapt_added_time_projection, added_time_ids, check_slots,
                                       install_slot_projection)
 from hi3d.models.svd import (clip_embed, encode_condition, encode_frames, init_weights_, module_device_dtype,
-                             randn, unet_forward)
+                             prepare_for_training, randn, unet_forward)
 
 SVD_REPO = "stabilityai/stable-video-diffusion-img2vid-xt"
 SUBFOLDERS = ("unet", "vae", "image_encoder", "feature_extractor")
@@ -178,11 +178,7 @@ class Stage1Task:
         c = components or build_components(cfg)
         self.unet, self.vae, self.image_encoder, self.feature_extractor = (c.unet, c.vae, c.image_encoder,
                                                                           c.feature_extractor)
-        if cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        if cfg.trainable_params:
-            for name, p in self.unet.named_parameters():
-                p.requires_grad_(any(k in name for k in cfg.trainable_params))
+        prepare_for_training(self.unet, cfg.gradient_checkpointing, cfg.trainable_params)
 
     @property
     def components(self) -> Stage1Components:

@@ -33,8 +33,8 @@ from hi3d.models import edm
 from hi3d.models.conditioning import added_time_ids, check_slots, widen_conv_in
 from hi3d.models.depth import DepthConfig, DepthEstimator, depth_channels, tiny_depth_estimator
 from hi3d.models.stage1 import Stage1Config, TinyConfig, load_stage1
-from hi3d.models.svd import (clip_embed, encode_frames, module_device_dtype, randn, unet_forward,
-                             vae_scale_factor)
+from hi3d.models.svd import (clip_embed, encode_frames, module_device_dtype, prepare_for_training, randn,
+                             unet_forward, vae_scale_factor)
 
 SVD_IN_CHANNELS = 8
 
@@ -178,11 +178,7 @@ class Stage2Task:
         if self.unet.config.in_channels != in_channels(cfg):
             raise Hi3DError(f"stage-2 UNet has {self.unet.config.in_channels} input channels, config needs "
                             f"{in_channels(cfg)}")
-        if cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        if cfg.trainable_params:
-            for name, p in self.unet.named_parameters():
-                p.requires_grad_(any(k in name for k in cfg.trainable_params))
+        prepare_for_training(self.unet, cfg.gradient_checkpointing, cfg.trainable_params)
 
     @property
     def components(self) -> Stage2Components:

@@ -112,3 +112,13 @@ def init_weights_(module: torch.nn.Module, generator: torch.Generator) -> torch.
         elif "norm" not in name and not name.endswith(("mix_factor", "weight")):
             p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
     return module
+
+
+def prepare_for_training(unet: torch.nn.Module, gradient_checkpointing: bool, trainable_params: list[str]) -> None:
+    """Turn on gradient checkpointing; train only parameters whose names contain one of ``trainable_params``
+    (all when empty)."""
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if trainable_params:
+        for name, p in unet.named_parameters():
+            p.requires_grad_(any(k in name for k in trainable_params))
