@@ -268,22 +268,12 @@ def test_stage2_resume_equals_uninterrupted(orbit_dataset, tmp_path):
 @pytest.mark.slow  # ~30 s on an idle 2-core CPU, minutes under load
 def test_stage2_two_process_accelerate_launch_sees_different_data(orbit_dataset, tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+
+    from test_datasets import launch_two_cpu_processes
 
     out = tmp_path / "run"
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           str(ROOT / "scripts/train_stage2.py"), "--config", str(ROOT / "configs/stage2/tiny_cpu.yaml"),
-           *stage2_overrides(orbit_dataset.cfg.root, out, **{"train.steps": 3, "train.checkpoint_every": 3})]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    logs = [dict(line.split("\t") for line in (out / "object_ids" / f"rank{r}.txt").read_text().splitlines())
-            for r in range(2)]
+    logs = launch_two_cpu_processes("train_stage2.py", "configs/stage2/tiny_cpu.yaml", stage2_overrides(
+        orbit_dataset.cfg.root, out, **{"train.steps": 3, "train.checkpoint_every": 3}), out, timeout=900)
     assert logs[0].keys() == logs[1].keys() == {"0", "1", "2"}
     assert all(logs[0][s] != logs[1][s] for s in logs[0])
     assert json.loads((out / "run.json").read_text())["world_size"] == 2

@@ -250,23 +250,11 @@ def test_stage1_resume_equals_uninterrupted(dataset, tmp_path):
 
 
 def test_two_process_accelerate_launch_sees_different_data(dataset, tmp_path):
-    """``accelerate launch --multi_gpu --num_processes 2`` with ACCELERATE_USE_CPU=1: two gloo processes on
-    the CPU (``--cpu --num_processes 2`` alone starts one process unless MPI is installed)."""
-    import os
-    import subprocess
-    import sys
+    from test_datasets import launch_two_cpu_processes
 
     out = tmp_path / "run"
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           str(ROOT / "scripts/train_stage1.py"), "--config", str(ROOT / "configs/stage1/tiny_cpu.yaml"),
-           *stage1_overrides(dataset.cfg.root, out, **{"train.steps": 3, "train.checkpoint_every": 3})]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    logs = [dict(line.split("\t") for line in (out / "object_ids" / f"rank{r}.txt").read_text().splitlines())
-            for r in range(2)]
+    logs = launch_two_cpu_processes("train_stage1.py", "configs/stage1/tiny_cpu.yaml", stage1_overrides(
+        dataset.cfg.root, out, **{"train.steps": 3, "train.checkpoint_every": 3}), out, timeout=600)
     assert logs[0].keys() == logs[1].keys() == {"0", "1", "2"}
     assert all(logs[0][s] != logs[1][s] for s in logs[0])  # each step: the two processes got different objects
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
