@@ -96,12 +96,21 @@ def keep_largest(mesh: trimesh.Trimesh, count: int = 1) -> trimesh.Trimesh:
 
 
 def decimate(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
+    """Quadric decimation (fast-simplification through trimesh) to about ``faces`` triangles (0 = off).
+
+    Pairs of coincident back-to-back triangles that the collapse can leave behind are dropped, so a
+    watertight input stays watertight and in one piece."""
     if faces <= 0 or len(mesh.faces) <= faces:
         return mesh
     if importlib.util.find_spec("fast_simplification") is None:
         raise Hi3DError("mesh decimation needs the fast-simplification package: pip install fast-simplification "
                         "(or set mesh.decimate_faces=0)")
-    return mesh.simplify_quadric_decimation(face_count=faces)
+    out = mesh.simplify_quadric_decimation(face_count=faces)
+    single = trimesh.grouping.group_rows(np.sort(out.faces, axis=1), require_count=1)
+    if len(single) < len(out.faces):
+        out.update_faces(np.sort(single))
+        out.remove_unreferenced_vertices()
+    return out
 
 
 def vertex_colors(model: NeuSModel, mesh: trimesh.Trimesh) -> np.ndarray:
