@@ -43,23 +43,22 @@ class TinyConfig:
 
 
 @dataclasses.dataclass
-class Stage1Config:
-    """Model, objective and sampling settings of stage 1 (paper values by default)."""
-    pretrained: str | None = None  # local diffusers-format SVD(-XT) or converted Hi3D folder; None with tiny
+class VideoDiffusionConfig:
+    """Settings shared by both SVD-based stages: model layout, EDM objective and Euler EDM sampling."""
+    pretrained: str | None = None  # local diffusers-format SVD(-XT) or a converted/saved stage folder; None with tiny
     num_frames: int = 16
     resolution: int = 512
     slots: list[str] = dataclasses.field(default_factory=lambda: ["constant", "elevation", "noise_aug"])
     constant_value: float = 0.0  # value of the "constant" (or "aesthetic") slot
-    time_ids_init: str = "keep"  # from SVD: "keep" its 3-slot projection (release) or "by_name" (new slots = 0)
     P_mean: float = 1.0  # ln σ ~ N(P_mean, P_std²), one σ per video
     P_std: float = 1.6
     noise_aug_mean: float = -3.0  # training: strength = exp(N(mean, std²))
     noise_aug_std: float = 0.5
-    cond_dropout: float = 0.1  # CLIP embedding and input latent each zeroed independently with this p
+    cond_dropout: float = 0.1  # each condition zeroed independently with this probability
     gradient_checkpointing: bool = False
     trainable_params: list[str] = dataclasses.field(default_factory=list)  # name substrings; [] = all UNet
     vae_encode_chunk: int = 16
-    # sampling (validation and OrbitPipeline defaults)
+    # sampling (validation and pipeline defaults)
     num_inference_steps: int = 25
     sigma_min: float = 0.002
     sigma_max: float = 700.0
@@ -68,8 +67,14 @@ class Stage1Config:
     max_guidance: float = 2.5
     noise_aug: float = 0.02
     decode_chunk_size: int = 8
-    object_fill: float = 0.75  # preprocessing: longer side of the object's box / image side
     tiny: TinyConfig = dataclasses.field(default_factory=TinyConfig)
+
+
+@dataclasses.dataclass
+class Stage1Config(VideoDiffusionConfig):
+    """Model, objective and sampling settings of stage 1 (paper values by default)."""
+    time_ids_init: str = "keep"  # from SVD: "keep" its 3-slot projection (release) or "by_name" (new slots = 0)
+    object_fill: float = 0.75  # preprocessing: longer side of the object's box / image side
 
 
 @dataclasses.dataclass

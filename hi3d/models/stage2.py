@@ -32,7 +32,7 @@ from hi3d.errors import Hi3DError
 from hi3d.models import edm
 from hi3d.models.conditioning import added_time_ids, check_slots, widen_conv_in
 from hi3d.models.depth import DepthConfig, DepthEstimator, depth_channels, tiny_depth_estimator
-from hi3d.models.stage1 import Stage1Config, TinyConfig, load_stage1
+from hi3d.models.stage1 import Stage1Config, VideoDiffusionConfig, load_stage1
 from hi3d.models.svd import (clip_embed, encode_frames, module_device_dtype, prepare_for_training, randn,
                              unet_forward, vae_scale_factor)
 
@@ -40,46 +40,25 @@ SVD_IN_CHANNELS = 8
 
 
 @dataclasses.dataclass
-class Stage2Config:
-    """Model, objective and sampling settings of stage 2 (paper / released values by default)."""
-    pretrained: str | None = None
-    """Local diffusers-format SVD(-XT) folder (init) or a stage-2 folder (``RefinePipeline.save_pretrained``
-    or converted with ``scripts/convert_checkpoint.py --stage 2``); None with ``tiny.enabled``."""
-    num_frames: int = 16
+class Stage2Config(VideoDiffusionConfig):
+    """Model, objective and sampling settings of stage 2 (paper / released values by default). ``pretrained``
+    may also be a stage-2 folder (``RefinePipeline.save_pretrained`` or ``scripts/convert_checkpoint.py
+    --stage 2``); ``cond_dropout`` drops the CLIP embedding and the [depth, frame latents] concat."""
     resolution: int = 1024
     slots: list[str] = dataclasses.field(default_factory=lambda: ["elevation", "noise_aug"])
-    constant_value: float = 0.0
+    max_guidance: float = 2.0
     use_depth: bool = True
     """Ablation switch: False feeds zeros in the depth channels (they stay in the layout)."""
     depth: DepthConfig = dataclasses.field(default_factory=DepthConfig)
     degradation: DegradationConfig = dataclasses.field(default_factory=DegradationConfig)
-    P_mean: float = 1.0
-    P_std: float = 1.6
-    noise_aug_mean: float = -3.0
-    noise_aug_std: float = 0.5
-    cond_dropout: float = 0.1
-    """CLIP embedding and the [depth, frame latents] concat each zeroed with this probability."""
-    gradient_checkpointing: bool = False
-    trainable_params: list[str] = dataclasses.field(default_factory=list)
-    vae_encode_chunk: int = 16
-    # sampling (RefinePipeline defaults)
-    num_inference_steps: int = 25
-    sigma_min: float = 0.002
-    sigma_max: float = 700.0
-    rho: float = 7.0
-    min_guidance: float = 1.0
-    max_guidance: float = 2.0
-    noise_aug: float = 0.02
     strength: float = 0.8
     """SDEdit start: begin at step round((1 − strength)·steps) from the upsampled stage-1 latents noised to
     that step's σ; 1.0 = from pure noise."""
-    decode_chunk_size: int = 8
     low_memory: bool = False
     """Chunked VAE (encode 1 frame, decode ≤ 2 frames at a time), cond/uncond UNet passes one after the other, SDPA attention and
     accelerate model CPU offload (CUDA only; a no-op on CPU)."""
     replace_first_frame: bool = True
     """Frame 0 of the output = the input image at the output size."""
-    tiny: TinyConfig = dataclasses.field(default_factory=TinyConfig)
 
 
 @dataclasses.dataclass
