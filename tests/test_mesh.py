@@ -48,7 +48,7 @@ def test_sparse_sdf_volume_matches_dense_near_the_surface():
 def test_extract_mesh_of_initial_sphere_has_colours():
     model = NeuSModel(NeuSConfig(num_levels=4, max_resolution=32, start_levels=4, init_radius=0.4),
                       torch.Generator().manual_seed(0))
-    mesh = extract_mesh(model, MeshConfig(resolution=48))
+    mesh = extract_mesh(model, MeshConfig(resolution=48, texture="vertex"))
     r = np.linalg.norm(mesh.vertices, axis=1)
     assert abs(r.mean() - 0.4) < 0.01 and r.std() < 0.01
     cols = mesh.visual.vertex_colors

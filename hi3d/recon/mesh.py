@@ -2,14 +2,17 @@
 
 Marching cubes (PyMCubes) on the SDF sampled over the cube ``[-bound, bound]^3`` (world units); the
 grid is evaluated sparsely: a coarse grid first, then the fine grid only where the upsampled coarse SDF
-is near zero. Then: keep the largest connected component(s), optional decimation (needs the
-``fast-simplification`` package), vertex colours from the colour network (normal = normalised SDF
-gradient, seen head-on: view direction = -normal). Export undoes the orbit's normalisation (world ->
-source file coordinates, +Z up -> +Y up) and writes GLB, OBJ (+MTL when textured) and PLY atomically.
+is near zero. Then: keep the largest connected component(s), optional decimation (quadric, through
+``fast-simplification``), colours: ``texture="vertex"`` vertex colours from the colour network (normal =
+normalised SDF gradient, seen head-on: view direction = -normal), ``texture="views"`` a UV atlas baked
+from the views (``hi3d.recon.texture``; the colour network fills texels no view sees). Export undoes the
+orbit's normalisation (world -> source file coordinates, +Z up -> +Y up) and writes GLB, OBJ (+MTL and
+PNG when textured) and PLY (vertex colours) atomically.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 from pathlib import Path
@@ -22,10 +25,12 @@ import trimesh
 
 from hi3d.data.mesh_io import to_file_coords
 from hi3d.errors import Hi3DError
+from hi3d.data.orbit import Orbit
 from hi3d.io import atomic_path
 from hi3d.recon.neus import NeuSModel
 
 FORMATS = ("glb", "obj", "ply")
+TEXTURES = ("none", "vertex", "views")
 
 
 @dataclasses.dataclass
@@ -34,8 +39,12 @@ class MeshConfig:
     bound: float = 0.55  # half-size of the extraction cube (objects fill [-0.5, 0.5]^3)
     coarse_factor: int = 4  # sparse evaluation: coarse grid every this many fine points (1 = dense)
     keep_components: int = 1  # keep this many largest connected components (0 = all)
-    decimate_faces: int = 0  # target face count (0 = off; needs the fast-simplification package)
-    vertex_colors: bool = True
+    decimate_faces: int = 0  # target face count (0 = off)
+    texture: str = "views"  # "none" | "vertex" (colour network at the vertices) | "views" (UV atlas baked from the views)
+    texture_size: int = 1024  # texels per side of the baked atlas
+    texture_max_faces: int = 20000  # texture=views: decimate to at most this many faces first (xatlas time grows fast)
+    texture_dilation: int = 4  # texels the atlas is grown past chart borders
+    texture_threads: int = 1  # torch CPU threads while baking (0 = leave torch's setting); 1 is fastest on shared cores
 
 
 def grid_axis(resolution: int, bound: float) -> torch.Tensor:
@@ -113,38 +122,85 @@ def decimate(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
     return out
 
 
+def surface_colors(model: NeuSModel, points: torch.Tensor, normals: torch.Tensor | None = None) -> torch.Tensor:
+    """RGB ``[N, 3]`` (float32 in [0, 1], CPU) of the colour network at surface ``points [N, 3]`` seen head-on
+    (view direction = -normal; normals default to the normalised SDF gradient)."""
+    dev = next(model.parameters()).device
+    p = torch.as_tensor(points, dtype=torch.float32, device=dev)
+    n = model.sdf_gradient(p) if normals is None else torch.as_tensor(normals, dtype=torch.float32, device=dev)
+    return model.query_color(p, -F.normalize(n, dim=-1)).cpu()
+
+
 def vertex_colors(model: NeuSModel, mesh: trimesh.Trimesh) -> np.ndarray:
     """RGBA uint8 ``[V, 4]`` from the colour network at the vertices, seen head-on."""
-    dev = next(model.parameters()).device
-    v = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=dev)
-    n = F.normalize(model.sdf_gradient(v), dim=-1)
-    rgb = model.query_color(v, -n).cpu().numpy()
+    rgb = surface_colors(model, torch.as_tensor(mesh.vertices)).numpy()
     return np.concatenate([np.round(rgb * 255), np.full((len(rgb), 1), 255)], 1).astype(np.uint8)
 
 
-def extract_mesh(model: NeuSModel, cfg: MeshConfig) -> trimesh.Trimesh:
-    """The model's surface in world coordinates (+Z up, unit cube), coloured if ``cfg.vertex_colors``."""
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch CPU threads (0 = unchanged)."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def extract_mesh(model: NeuSModel, cfg: MeshConfig, views: Orbit | None = None) -> trimesh.Trimesh:
+    """The model's surface in world coordinates (+Z up, unit cube), coloured as ``cfg.texture`` says;
+    ``texture="views"`` bakes from ``views`` (the RGBA views NeuS was fitted on)."""
+    if cfg.texture not in TEXTURES:
+        raise Hi3DError(f"unknown mesh.texture '{cfg.texture}' (choose {', '.join(TEXTURES)})")
+    if cfg.texture == "views" and views is None:
+        raise Hi3DError("mesh.texture=views needs the views to bake from (or set mesh.texture=vertex)")
     mesh = marching_cubes(sdf_volume(model, cfg.resolution, cfg.bound, cfg.coarse_factor), cfg.bound)
     mesh = decimate(keep_largest(mesh, cfg.keep_components), cfg.decimate_faces)
-    if cfg.vertex_colors:
+    if cfg.texture == "vertex":
         mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=vertex_colors(model, mesh))
+    elif cfg.texture == "views":
+        from hi3d.recon.texture import bake_texture
+
+        mesh = decimate(mesh, cfg.texture_max_faces)
+        with torch_threads(cfg.texture_threads):
+            mesh = bake_texture(mesh, views, cfg.texture_size, fallback=lambda p, n: surface_colors(model, p, n),
+                                dilation=cfg.texture_dilation)
     return mesh
 
 
 def export_mesh(mesh: trimesh.Trimesh, normalization, out_dir: str | Path, name: str = "mesh") -> dict[str, Path]:
     """Write ``name.glb``, ``name.obj`` and ``name.ply`` in the source file's coordinates (atomically).
 
-    ``normalization [4, 4]`` is the orbit's source-file -> world transform (``cameras.json``)."""
+    ``normalization [4, 4]`` is the orbit's source-file -> world transform (``cameras.json``). A textured
+    mesh (``bake_texture``) gives a GLB with a baseColorTexture, ``name.obj`` + ``name.mtl`` + ``name.png``
+    (written before the OBJ) and a PLY with the texture sampled at the (re-welded) vertices."""
+    from hi3d.io import write_bytes
+
     out = Path(out_dir)
     file_mesh = to_file_coords(mesh, normalization)
+    textured = file_mesh.visual.kind == "texture"
+    if textured:
+        file_mesh.visual.material.name = name  # the OBJ's material and texture file names
     paths = {}
     for fmt in FORMATS:
         path = out / f"{name}.{fmt}"
-        with atomic_path(path) as tmp:
-            if fmt == "obj":
-                data = trimesh.exchange.obj.export_obj(file_mesh, include_color=True, include_texture=False)
-                tmp.write_text(data)
-            else:
-                file_mesh.export(tmp, file_type=fmt)
+        if fmt == "obj":
+            text, extra = trimesh.exchange.obj.export_obj(
+                file_mesh, include_color=not textured, include_texture=textured, mtl_name=f"{name}.mtl",
+                return_texture=True)
+            for fname, data in extra.items():
+                write_bytes(out / fname, data)
+                paths[Path(fname).suffix.lstrip(".")] = out / fname
+            write_bytes(path, text.encode())
+        else:
+            with atomic_path(path) as tmp:
+                if fmt == "ply" and textured:
+                    from hi3d.recon.texture import vertex_colored
+
+                    vertex_colored(file_mesh).export(tmp, file_type="ply")
+                else:
+                    file_mesh.export(tmp, file_type=fmt)
         paths[fmt] = path
     return paths

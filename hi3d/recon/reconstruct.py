@@ -1,7 +1,8 @@
 """``hi3d reconstruct ORBIT_DIR --out DIR --num-interp 16``: 3DGS view interpolation -> NeuS -> mesh.
 
 Writes ``DIR/interp/`` (the M interpolated views, an orbit folder), ``DIR/neus.pt`` (NeuS checkpoint),
-``DIR/mesh.glb``, ``mesh.obj``, ``mesh.ply`` (in the source file's coordinates, +Y up),
+``DIR/mesh.glb``, ``mesh.obj`` (+ ``mesh.mtl``, ``mesh.png`` when textured), ``mesh.ply`` (in the source
+file's coordinates, +Y up; ``mesh.texture``: UV atlas baked from the views, or vertex colours),
 ``DIR/turntable.png`` (the mesh rendered at 8 azimuths) and ``DIR/run.json``. Re-running the command
 skips finished stages (``interp/cameras.json`` present, NeuS checkpoint at its last step, mesh files
 present) and resumes an interrupted NeuS fit from its last checkpoint.
@@ -104,9 +105,9 @@ def reconstruct(orbit_dir: str | Path, out_dir: str | Path, num_interp: int, cfg
         entry["skipped"] = all(p.is_file() for p in mesh_paths.values())
         if not entry["skipped"]:
             model, _ = load_model(ckpt, cfg.neus.device)
-            mesh = extract_mesh(model, cfg.mesh)
+            mesh = extract_mesh(model, cfg.mesh, views)
             export_mesh(mesh, orbit.normalization, out)
-            entry.update(vertices=len(mesh.vertices), faces=len(mesh.faces))
+            entry.update(vertices=len(mesh.vertices), faces=len(mesh.faces), texture=cfg.mesh.texture)
     files.update(mesh_paths)
 
     sheet = out / "turntable.png"
