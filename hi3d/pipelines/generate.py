@@ -1,6 +1,6 @@
 """``hi3d generate``: image(s) or a prompt -> 3D meshes, resumable, batch-sharded across accelerate processes.
 
-    hi3d generate IMAGE|FOLDER|LIST.txt --out DIR --weights W [--elevation 20] [--seed 0] [--num-seeds 1]
+    hi3d generate IMAGE|FOLDER|LIST.txt --out DIR --weights W [--elevation 20|auto] [--seed 0] [--num-seeds 1]
                   [--num-interp 16] [--stages stage1|stage2|interpolate|mesh] [key=value ...]
     hi3d generate --text "a wooden chair" --out DIR --weights W
     accelerate launch --num_processes 8 -m hi3d.cli generate FOLDER --out DIR --weights W
@@ -62,14 +62,17 @@ def generate_one(cfg: GenerateConfig, out: Path, source: Path | None = None, pro
             rgba = prompt_image(prompt, cfg, runner._folder("text_to_image").parent, out, cfg.seed)
     else:
         rgba = input_rgba(source, cfg)
+    elevation = runner.input_elevation(rgba, out, cfg.seed, record)
     outputs = {}
     for k in range(cfg.num_seeds):
         seed = cfg.seed + k
         seed_dir = out if cfg.num_seeds == 1 else out / f"seed_{seed}"
-        outputs[seed] = {name: str(p) for name, p in runner.run(rgba, seed_dir, seed, record).items()}
+        outputs[seed] = {name: str(p) for name, p in runner.run(rgba, seed_dir, seed, record, elevation).items()}
     record.finish(outputs=outputs)
     status = {"input": str(source or prompt), "status": "ok", "stages": cfg.stages,
-              "seconds": round(time.perf_counter() - start, 1), "error": ""}
+              "seconds": round(time.perf_counter() - start, 1), "error": "", "elevation": elevation["elevation"]}
+    if elevation["mode"] == "auto":
+        status.update(elevation_guess=elevation["guess"], elevation_estimate=elevation["estimate"])
     write_json(_status_path(out), status)
     return status
 
@@ -82,7 +85,7 @@ def write_summary(out: Path, items: list[tuple[str, Path]]) -> list[dict]:
             rows.append({"name": name, **read_json(_status_path(folder))})
         except (OSError, ValueError):
             rows.append({"name": name, "input": name, "status": "not run", "stages": "", "seconds": "", "error": ""})
-    keys = ["name", "status", "seconds", "stages", "error", "input"]
+    keys = ["name", "status", "seconds", "stages", "elevation", "error", "input"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
@@ -127,6 +130,19 @@ def run_batch(cfg: GenerateConfig, sources: list[Path], out: Path) -> list[dict]
     return write_summary(out, list(zip(names, [out / n for n in names]))) if state.is_main_process else []
 
 
+def _elevation_flag(value: str) -> dict:
+    """``--elevation``: degrees -> ``elevation=``, ``auto`` -> ``auto_elevation.enabled=true``."""
+    if value.strip().lower() == "auto":
+        return {"auto_elevation.enabled": "true"}
+    try:
+        deg = float(value)
+    except ValueError:
+        raise Hi3DError(f"--elevation must be a number of degrees or 'auto', got '{value}'") from None
+    if not -90.0 < deg < 90.0:
+        raise Hi3DError(f"--elevation {value}: must lie strictly between -90 and 90 degrees")
+    return {"elevation": deg, "auto_elevation.enabled": "false"}
+
+
 def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="hi3d generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,7 +150,8 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--text", help="prompt: text -> image -> 3D (needs WEIGHTS/text_to_image)")
     p.add_argument("--out", required=True)
     p.add_argument("--weights", help="weights folder (see `hi3d check-weights`)")
-    p.add_argument("--elevation", type=float, help="elevation of the input view in degrees (default 20)")
+    p.add_argument("--elevation", help="elevation of the input view in degrees (default 20), or 'auto': estimate it "
+                   "from a stage-1 probe orbit at auto_elevation.guess (hi3d.pipelines.elevation)")
     p.add_argument("--seed", type=int)
     p.add_argument("--num-seeds", type=int)
     p.add_argument("--num-interp", type=int)
@@ -146,8 +163,10 @@ def cli(argv: list[str]) -> int:
         args.input = None
     if (args.input is None) == (args.text is None):
         raise Hi3DError("give either an input image/folder/list or --text \"prompt\"")
-    flags = {"weights": args.weights, "elevation": args.elevation, "seed": args.seed, "num_seeds": args.num_seeds,
+    flags = {"weights": args.weights, "seed": args.seed, "num_seeds": args.num_seeds,
              "num_interp": args.num_interp, "stages": args.stages}
+    if args.elevation is not None:
+        flags.update(_elevation_flag(args.elevation))
     cfg = load_config(GenerateConfig, args.config,
                       list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None])
     out = Path(args.out)

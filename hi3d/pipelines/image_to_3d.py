@@ -9,6 +9,8 @@ stage1/              orbit folder: 16 frames at the stage-1 resolution (alpha fr
 depth/NNN.png        per-frame min-max normalised depth of the stage-1 frames (stage 2's condition)
 stage2/              orbit folder: refined frames at the stage-2 resolution (or bicubic / stage-1 copies)
 recon/               hi3d reconstruct output: interp/ (M views), mesh.glb/.obj/.ply, turntable.png
+elevation.json       with --elevation auto (in out_dir, shared by all seeds): guess, estimate, elevation used,
+                     score curve; elevation_probe/ is the stage-1 orbit at the guess it was estimated from
 contact_sheet.png    stage-1 row, stage-2 row
 run.json             config, seed, weight hashes, versions, per-stage time and peak memory
 ```
@@ -19,13 +21,15 @@ so re-running resumes after the last finished stage. ``stages`` stops after any 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
 
 from hi3d.data.orbit import Orbit, load_orbit, save_orbit
 from hi3d.errors import Hi3DError
-from hi3d.io import contact_sheet, load_png, save_png
+from hi3d.io import contact_sheet, load_png, read_json, save_png, write_json
+from hi3d.pipelines.elevation import ElevationConfig, estimate_elevation
 from hi3d.pipelines.inputs import InputConfig, load_input, to_rgba
 from hi3d.pipelines.text_to_image import TextToImageConfig
 from hi3d.recon.reconstruct import ReconstructConfig
@@ -36,7 +40,7 @@ STAGES = ("stage1", "stage2", "interpolate", "mesh")
 @dataclasses.dataclass
 class GenerateConfig:
     weights: str | None = None  # folder laid out as in hi3d.pipelines.weights
-    elevation: float = 20.0  # degrees, camera elevation of the input view
+    elevation: float = 20.0  # degrees, camera elevation of the input view (ignored with auto_elevation.enabled)
     seed: int = 0
     num_seeds: int = 1  # seeds seed, seed+1, ...: one orbit and mesh each
     num_interp: int = 16  # M interpolated views for NeuS (0 = plain NeuS)
@@ -49,6 +53,7 @@ class GenerateConfig:
     stage1_steps: int = 25
     stage2_steps: int = 25
     background_threshold: float = 0.04  # generated frames: max-channel distance from white that is object
+    auto_elevation: ElevationConfig = dataclasses.field(default_factory=ElevationConfig)  # --elevation auto
     inputs: InputConfig = dataclasses.field(default_factory=InputConfig)
     text: TextToImageConfig = dataclasses.field(default_factory=TextToImageConfig)
     recon: ReconstructConfig = dataclasses.field(default_factory=ReconstructConfig)
@@ -122,9 +127,47 @@ class ImageTo3D:
                 low_memory=self.cfg.low_memory, use_depth=self.cfg.use_depth)
         return self._stage2
 
-    def run(self, rgba: torch.Tensor, out_dir: str | Path, seed: int, record) -> dict[str, Path]:
-        """Make (or resume) one object from ``rgba [H, W, 4]``; ``record`` is the run's ``RunRecord``."""
+    def _stage1_orbit(self, rgba: torch.Tensor, elevation: float, seed: int) -> Orbit:
+        result = self.stage1(rgba, elevation, seeds=[seed], num_inference_steps=self.cfg.stage1_steps)
+        orbit = result.to_orbit(0)
+        orbit.rgba = white_background_rgba(result.frames[0], self.cfg.background_threshold)
+        orbit.source = ["generated"] * len(orbit)
+        return orbit
+
+    def input_elevation(self, rgba: torch.Tensor, out_dir: str | Path, seed: int, record) -> dict:
+        """Elevation (degrees) to condition stage 1 on: ``cfg.elevation``, or with ``auto_elevation.enabled`` the
+        estimate from a probe orbit at the guess (``hi3d.pipelines.elevation``), made once per input and kept in
+        ``out_dir/elevation.json`` so a resumed run reuses it. Returns ``{"elevation": used, ...}``."""
+        ae, out = self.cfg.auto_elevation, Path(out_dir)
+        if not ae.enabled:
+            return {"elevation": self.cfg.elevation, "mode": "given"}
+        path = out / "elevation.json"
+        with record.stage("elevation") as entry:
+            done = read_json(path) if path.is_file() else None
+            entry["skipped"] = done is not None
+            if done is None:
+                probe = _orbit_done(out / "elevation_probe")
+                if probe is None:
+                    probe = self._stage1_orbit(rgba, ae.guess, seed)
+                    save_orbit(probe, out / "elevation_probe")
+                fov = 2 * math.degrees(math.atan(0.5 * probe.height / float(probe.K[0, 1, 1])))
+                estimate, scores = estimate_elevation(probe.rgba, ae.guess, ae, probe.azimuth_deg,
+                                                      float(probe.radius[0]), fov)
+                rerun = abs(estimate - ae.guess) > ae.tolerance
+                done = {"mode": "auto", "elevation": estimate if rerun else ae.guess, "guess": ae.guess,
+                        "estimate": estimate, "tolerance": ae.tolerance, "rerun_stage1": rerun, "probe_seed": seed,
+                        "signal": len(scores) > 0, "scores": [[round(e, 3), round(v, 5)] for e, v in scores.tolist()]}
+                write_json(path, done)
+            entry.update({k: done[k] for k in ("guess", "estimate", "elevation", "rerun_stage1")})
+        record.add(elevation=done)
+        return {**done, "probe_dir": str(out / "elevation_probe")}
+
+    def run(self, rgba: torch.Tensor, out_dir: str | Path, seed: int, record,
+            elevation: dict | None = None) -> dict[str, Path]:
+        """Make (or resume) one object from ``rgba [H, W, 4]``; ``record`` is the run's ``RunRecord``;
+        ``elevation`` from ``input_elevation`` (default: ``cfg.elevation``)."""
         cfg, out = self.cfg, Path(out_dir)
+        elevation = elevation or {"elevation": cfg.elevation}
         files: dict[str, Path] = {}
         if not (out / "input.png").is_file():
             save_png(out / "input.png", rgba)
@@ -134,10 +177,12 @@ class ImageTo3D:
             s1 = _orbit_done(out / "stage1")
             entry["skipped"] = s1 is not None
             if s1 is None:
-                result = self.stage1(rgba, cfg.elevation, seeds=[seed], num_inference_steps=cfg.stage1_steps)
-                s1 = result.to_orbit(0)
-                s1.rgba = white_background_rgba(result.frames[0], cfg.background_threshold)
-                s1.source = ["generated"] * len(s1)
+                # the probe orbit is this seed's stage-1 output when the estimate kept the guess
+                probe = elevation.get("probe_dir")
+                if elevation.get("probe_seed") == seed and not elevation.get("rerun_stage1", True) and probe:
+                    s1 = _orbit_done(Path(probe))
+                entry["from_probe"] = s1 is not None
+                s1 = s1 or self._stage1_orbit(rgba, float(elevation["elevation"]), seed)
                 save_orbit(s1, out / "stage1")
         files["stage1"] = out / "stage1"
         if stop == 0:

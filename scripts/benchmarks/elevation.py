@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Error of ``--elevation auto`` (hi3d.pipelines.elevation) on rendered orbits of real objects, run by hand.
+
+    python scripts/benchmarks/elevation.py [--resolution 256] [--guess 20] [--azimuths 0 90 200]
+                                           [--objects bunny spider wuson duck engine] [--out outputs/benchmarks]
+
+Ground-truth renders stand in for an ideal stage-1 generator: frames 1..15 at the guess g (azimuths
+offset + k·22.5°), frame 0 at the true elevation e* in --elevations, at the same azimuth offset. As in
+``hi3d generate``, frame 0 is re-framed to the training framing (``frame_object``, longer side 0.75 of the
+image) and every frame's alpha comes from its distance to white (``white_background_rgba``). Per object:
+mean / max absolute error over e* and azimuths, the e* = g cases, a sanity run with every frame at e*
+(guess e*), and the constant-g baseline (|e* - g|), measured in the same run. The ideal-generator
+assumption: frames 1..15 orbit the object around its true upright axis. Writes ``elevation.json`` and
+``elevation.md`` under ``--out``.
+
+Objects: bunny (glmark2-data), spider, Wuson, duck (COLLADA sample) and 2CylinderEngine (glTF sample),
+all from Debian's assimp-testmodels (BSD-3-clause as packaged; the non-BSD models are excluded upstream).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+import torch  # noqa: E402
+
+from hi3d import cameras  # noqa: E402
+from hi3d.config import load_config, to_dict  # noqa: E402
+from hi3d.data.mesh_io import load_mesh  # noqa: E402
+from hi3d.data.render import render_views  # noqa: E402
+from hi3d.io import write_bytes, write_json  # noqa: E402
+from hi3d.pipelines.elevation import ElevationConfig, estimate_elevation  # noqa: E402
+from hi3d.pipelines.image_to_3d import white_background_rgba  # noqa: E402
+from hi3d.pipelines.preprocess import frame_object  # noqa: E402
+
+MESHES = {
+    "bunny": "/usr/share/glmark2/models/bunny.obj",
+    "spider": "/usr/share/assimp/models/OBJ/spider.obj",
+    "wuson": "/usr/share/assimp/models/PLY/Wuson.ply",
+    "duck": "/usr/share/assimp/models/Collada/duck.dae",
+    "engine": "/usr/share/assimp/models/glTF2/2CylinderEngine-glTF-Binary/2CylinderEngine.glb",
+}
+
+
+def as_generated(rgba: torch.Tensor, reframe: bool, threshold: float = 0.04) -> torch.Tensor:
+    """Rendered ``[N, H, W, 4]`` -> what ``hi3d generate`` sees: on white, alpha by distance from white;
+    with ``reframe`` each frame re-framed like the input (only frame 0 is passed with it)."""
+    rgb = rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])
+    if reframe:
+        size = rgba.shape[1]
+        rgb = torch.stack([frame_object(torch.cat([c, a[..., None]], -1), size)
+                           for c, a in zip(rgb, rgba[..., 3])]).permute(0, 2, 3, 1)
+    return white_background_rgba(rgb.permute(0, 3, 1, 2), threshold)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="elevation estimation error on rendered orbits")
+    p.add_argument("--objects", nargs="+", default=list(MESHES))
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--guess", type=float, default=20.0)
+    p.add_argument("--elevations", type=float, nargs="+", default=[-10, 0, 10, 20, 30, 40])
+    p.add_argument("--azimuths", type=float, nargs="+", default=[0, 90, 200])
+    p.add_argument("--views", type=int, default=16)
+    p.add_argument("--no-reframe", action="store_true", help="keep frame 0 at the render's framing")
+    p.add_argument("--no-sanity", action="store_true", help="skip the every-frame-at-e* runs")
+    p.add_argument("--out", default="outputs/benchmarks")
+    p.add_argument("overrides", nargs="*", help="ElevationConfig key=value")
+    args = p.parse_args(argv)
+    cfg = load_config(ElevationConfig, None, args.overrides)
+    res, g, N = args.resolution, args.guess, args.views
+    K = cameras.intrinsics(res)
+    es = torch.tensor(args.elevations, dtype=torch.float64)
+    cases, per_object, seconds = [], {}, []
+    for name in args.objects:
+        path = MESHES[name]
+        if not Path(path).is_file():
+            print(f"skip {name}: {path} missing (apt-get install glmark2-data assimp-testmodels)")
+            continue
+        scene, _ = load_mesh(path)
+        for off in args.azimuths:
+            az = cameras.orbit_azimuths(N, off)
+            ring = as_generated(render_views(scene, cameras.orbit_c2w(az[1:], torch.full((N - 1,), g)), K, res, res,
+                                             with_depth=False).rgba, False)
+            firsts = as_generated(render_views(scene, cameras.orbit_c2w(az[:1].expand(len(es)), es), K, res, res,
+                                               with_depth=False).rgba, not args.no_reframe)
+            for e, first in zip(args.elevations, firsts):
+                start = time.perf_counter()
+                est, scores = estimate_elevation(torch.cat([first[None], ring]), g, cfg)
+                seconds.append(time.perf_counter() - start)
+                row = {"object": name, "azimuth": off, "true": e, "estimate": est, "error": est - e,
+                       "best_iou": float(scores[:, 1].max()) if len(scores) else None}
+                if not args.no_sanity:
+                    same = as_generated(render_views(scene, cameras.orbit_c2w(az[1:], torch.full((N - 1,), e)), K,
+                                                     res, res, with_depth=False).rgba, False)
+                    row["sanity_estimate"] = estimate_elevation(torch.cat([first[None], same]), e, cfg)[0]
+                    row["sanity_error"] = row["sanity_estimate"] - e
+                cases.append(row)
+                print(f"{name} az {off:5.1f} e* {e:5.1f}: estimate {est:5.1f}"
+                      + (f" (sanity {row['sanity_estimate']:5.1f})" if "sanity_error" in row else ""), flush=True)
+
+    def summary(rows):
+        err = [abs(r["error"]) for r in rows]
+        off = [abs(r["error"]) for r in rows if r["true"] != g]
+        at_g = [abs(r["error"]) for r in rows if r["true"] == g]
+        san = [abs(r["sanity_error"]) for r in rows if "sanity_error" in r]
+        base = [abs(r["true"] - g) for r in rows]
+        out = {"cases": len(rows), "mean_abs": statistics.mean(err), "max_abs": max(err),
+               "median_abs": statistics.median(err),
+               "mean_abs_true_ne_guess": statistics.mean(off) if off else None,
+               "mean_abs_true_eq_guess": statistics.mean(at_g) if at_g else None,
+               "max_abs_true_eq_guess": max(at_g) if at_g else None,
+               "baseline_constant_guess_mean_abs": statistics.mean(base), "baseline_max_abs": max(base)}
+        if san:
+            out.update(sanity_mean_abs=statistics.mean(san), sanity_max_abs=max(san))
+        return out
+
+    for name in dict.fromkeys(r["object"] for r in cases):
+        per_object[name] = summary([r for r in cases if r["object"] == name])
+    overall = summary(cases)
+    result = {"config": to_dict(cfg), "resolution": res, "guess": g, "elevations": args.elevations,
+              "azimuths": args.azimuths, "reframe": not args.no_reframe, "per_object": per_object,
+              "overall": overall, "cases": cases, "seconds_per_estimate": statistics.mean(seconds),
+              "host": platform.node(), "threads": torch.get_num_threads()}
+    out = Path(args.out)
+    write_json(out / "elevation.json", result)
+    lines = [f"# --elevation auto: error on rendered orbits ({res}², guess {g:g}°, e* in "
+             f"{', '.join(f'{e:g}' for e in args.elevations)}, azimuth offsets {', '.join(f'{a:g}' for a in args.azimuths)}"
+             f"{', frame 0 re-framed' if not args.no_reframe else ''})", "",
+             "| object | cases | mean abs (°) | median | max | e*=g mean / max | sanity mean / max | "
+             "constant-g baseline mean / max |", "|---|---|---|---|---|---|---|---|"]
+    for name, s in [*per_object.items(), ("**overall**", overall)]:
+        san = f"{s['sanity_mean_abs']:.1f} / {s['sanity_max_abs']:.1f}" if "sanity_mean_abs" in s else "-"
+        eq = (f"{s['mean_abs_true_eq_guess']:.1f} / {s['max_abs_true_eq_guess']:.1f}"
+              if s["mean_abs_true_eq_guess"] is not None else "-")
+        lines.append(f"| {name} | {s['cases']} | {s['mean_abs']:.1f} | {s['median_abs']:.1f} | {s['max_abs']:.1f} | "
+                     f"{eq} | {san} | {s['baseline_constant_guess_mean_abs']:.1f} / {s['baseline_max_abs']:.1f} |")
+    lines += ["", f"{statistics.mean(seconds):.2f} s per estimate ({torch.get_num_threads()} torch threads)"]
+    write_bytes(out / "elevation.md", ("\n".join(lines) + "\n").encode())
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
