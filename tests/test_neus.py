@@ -8,8 +8,8 @@ import torch
 from hi3d import cameras
 from hi3d.data.orbit import Orbit
 from hi3d.recon.hashgrid import HashGrid, reference_encode
-from hi3d.recon.neus import (NeuSConfig, NeuSModel, composite_weights, fit_neus, load_model, neus_alpha,
-                             render_rays, sphere_near_far)
+from hi3d.recon.neus import (NeuSConfig, NeuSModel, composite_weights, fit_neus, load_model, make_optimizer,
+                             neus_alpha, render_rays, sphere_near_far, training_losses)
 
 TINY = dict(num_levels=4, log2_hashmap_size=12, base_resolution=8, max_resolution=32, start_levels=4,
             hidden_dim=32, feature_dim=7, color_hidden_dim=32, num_samples=24, num_importance=16,
@@ -107,6 +107,28 @@ def test_sdf_supervised_sphere_fit_matches_analytic():
     dist = r * (1 + (torch.rand(2000, 1, generator=g) * 2 - 1) * 0.1)  # within 10% of the surface
     err = (model.query_sdf(c + d * dist) - (dist[:, 0] - r)).abs()
     assert err.max() < 0.02 * r and err.mean() < 0.005 * r
+
+
+def test_volume_prior_is_the_soft_occupied_fraction_and_carves_unobserved_space():
+    """With only the volume prior (and eikonal), the loss starts at the init sphere's share of the sampling
+    cube ((4/3)π 0.5³ / 1.8³ = 0.090) and optimising it shrinks the sphere."""
+    cfg = NeuSConfig(**TINY, color_weight=0.0, mask_weight=0.0, volume_weight=1.0, lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    model = NeuSModel(cfg, gen)
+    o, d = torch.tensor([[0.0, -1.5, 0.0]]).expand(64, 3), torch.tensor([[0.0, 1.0, 0.0]]).expand(64, 3)
+    batch = {"origins": o, "dirs": d, "rgb": torch.ones(64, 3), "alpha": torch.zeros(64)}
+    first = training_losses(model, batch, cfg, gen)
+    assert set(first) >= {"volume", "eikonal"} and abs(first["volume"].item() - 0.090) < 0.03
+    assert "volume" not in training_losses(model, batch, dataclasses.replace(cfg, volume_weight=0.0), gen)
+    opt = make_optimizer(model, cfg)
+    for _ in range(30):
+        loss = training_losses(model, batch, cfg, gen)["total"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    probe = torch.nn.functional.normalize(torch.randn(500, 3, generator=gen), dim=-1) * 0.45
+    assert model.query_sdf(probe).mean() > 0.0  # was -0.05: the surface moved inside r = 0.45
+    assert training_losses(model, batch, cfg, gen)["volume"].item() < 0.5 * first["volume"].item()
 
 
 @pytest.mark.slow

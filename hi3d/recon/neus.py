@@ -65,6 +65,7 @@ class NeuSConfig:
     mask_weight: float = 0.1
     depth_weight: float = 0.0  # used only when the views carry depth
     normal_weight: float = 0.0  # used only when the views carry normals
+    volume_weight: float = 0.0  # minimal-volume prior: mean occupancy of the uniform eikonal points
     # run
     seed: int = 0
     device: str = "cpu"
@@ -361,8 +362,11 @@ def training_losses(model: NeuSModel, batch: dict[str, torch.Tensor], cfg: NeuSC
     need_normal = cfg.normal_weight > 0 and "normal" in batch
     out = render_rays(model, batch["origins"], batch["dirs"], generator, train=True, need_normal=need_normal)
     losses = {"color": (out["rgb"] - batch["rgb"]).abs().mean()}
-    _, _, g = model.sdf_net.with_gradient(eikonal_points(out["points"], cfg, generator), create_graph=True)
+    sdf, _, g = model.sdf_net.with_gradient(eikonal_points(out["points"], cfg, generator), create_graph=True)
     losses["eikonal"] = ((g.norm(dim=-1) - 1) ** 2).mean()
+    if cfg.volume_weight > 0:
+        uniform = sdf[cfg.eikonal_points // 2:]
+        losses["volume"] = torch.sigmoid(-uniform * model.inv_s().detach()).mean()
     acc = out["opacity"].clamp(1e-3, 1 - 1e-3)
     losses["mask"] = F.binary_cross_entropy(acc, batch["alpha"].clamp(0, 1))
     fg = batch["alpha"] > 0.5
@@ -371,7 +375,7 @@ def training_losses(model: NeuSModel, batch: dict[str, torch.Tensor], cfg: NeuSC
     if need_normal and fg.any():
         losses["normal"] = (out["normal"][fg] - batch["normal"][fg]).abs().sum(-1).mean()
     weights = {"color": cfg.color_weight, "eikonal": cfg.eikonal_weight, "mask": cfg.mask_weight,
-               "depth": cfg.depth_weight, "normal": cfg.normal_weight}
+               "depth": cfg.depth_weight, "normal": cfg.normal_weight, "volume": cfg.volume_weight}
     losses["total"] = sum(weights[k] * v for k, v in losses.items())
     return losses
 
