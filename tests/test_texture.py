@@ -169,5 +169,7 @@ def test_extract_mesh_bakes_views_and_fills_unseen_from_the_colour_network():
     assert np.abs(col[bottom] - net).max() < 0.03 and np.abs(net - [0.2, 0.4, 0.9]).max() > 0.1
     with pytest.raises(Hi3DError, match="needs the views"):
         extract_mesh(model, cfg)
+    with pytest.raises(Hi3DError, match="texture_size"):
+        extract_mesh(model, MeshConfig(resolution=40, texture_size=0), views)
     with pytest.raises(Hi3DError, match="unknown mesh.texture"):
         extract_mesh(model, MeshConfig(resolution=40, texture="uv"), views)

@@ -156,6 +156,8 @@ def extract_mesh(model: NeuSModel, cfg: MeshConfig, views: Orbit | None = None) 
         raise Hi3DError(f"unknown mesh.texture '{cfg.texture}' (choose {', '.join(TEXTURES)})")
     if cfg.texture == "views" and views is None:
         raise Hi3DError("mesh.texture=views needs the views to bake from (or set mesh.texture=vertex)")
+    if cfg.texture == "views" and cfg.texture_size < 8:
+        raise Hi3DError(f"mesh.texture_size must be >= 8 texels (got {cfg.texture_size})")
     mesh = marching_cubes(sdf_volume(model, cfg.resolution, cfg.bound, cfg.coarse_factor), cfg.bound)
     mesh = decimate(keep_largest(mesh, cfg.keep_components), cfg.decimate_faces)
     if cfg.texture == "vertex":
