@@ -107,6 +107,9 @@ def uv_unwrap(mesh: trimesh.Trimesh, size: int = 1024, padding: int = 2) -> tupl
     pack = xatlas.PackOptions()
     pack.resolution, pack.padding, pack.bilinear = size, padding, True
     atlas.generate(pack_options=pack)
+    if atlas.atlas_count > 1:  # the estimated scale overflowed one page: pack into a single atlas instead
+        pack.resolution, pack.texels_per_unit = 0, atlas.texels_per_unit
+        atlas.generate(pack_options=pack)
     vmap, faces, uv = atlas[0]
     return vmap.astype(np.int64), faces.astype(np.int64), uv.astype(np.float64)
 
