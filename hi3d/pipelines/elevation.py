@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,8 @@ class ElevationConfig:
 
     enabled: bool = False
     guess: float = 20.0  # elevation the probe orbit is generated at
-    tolerance: float = 5.0  # re-run stage 1 at the estimate when |estimate - guess| exceeds this
+    tolerance: float = 5.0  # an estimate within this of the probe's elevation keeps the probe as stage 1's output
+    rounds: int = 2  # probes at most: each round re-generates the probe at the previous estimate
     min_deg: float = -20.0  # candidate range
     max_deg: float = 50.0
     coarse_step: float = 2.0
@@ -198,3 +200,27 @@ def estimate_elevation(rgba: torch.Tensor, guess_deg: float, cfg: ElevationConfi
     best = max(scores, key=scores.get)
     table = torch.tensor(sorted(scores.items()), dtype=torch.float64)
     return float(best), table
+
+
+def auto_elevation(probe: Callable[[int, float], torch.Tensor], cfg: ElevationConfig | None = None) -> dict:
+    """Estimate, re-probe at the estimate, repeat: ``probe(round, elevation_deg) -> rgba [N, H, W, 4]`` makes (or
+    loads) the stage-1 orbit of round ``round`` generated at that elevation (standard stage-1 cameras).
+
+    Round k probes at the previous estimate (round 0 at ``cfg.guess``); it stops when an estimate lies within
+    ``cfg.tolerance`` of its probe's elevation (that probe is then stage 1's output: ``final_round`` = k), when
+    there is no signal, or after ``cfg.rounds`` rounds (stage 1 then runs at the last estimate:
+    ``final_round`` None). Returns ``{"elevation": to condition stage 1 on, "guess", "estimate" (last),
+    "final_round", "rerun_stage1", "signal", "rounds": [{"probe", "estimate", "scores": [[deg, iou], ...]}]}``.
+    """
+    cfg = cfg or ElevationConfig()
+    rounds, at = [], cfg.guess
+    for k in range(max(1, cfg.rounds)):
+        estimate, scores = estimate_elevation(probe(k, at), at, cfg)
+        rounds.append({"probe": at, "estimate": estimate,
+                       "scores": [[round(e, 3), round(v, 5)] for e, v in scores.tolist()]})
+        if abs(estimate - at) <= cfg.tolerance or not len(scores):
+            return {"elevation": at, "guess": cfg.guess, "estimate": estimate, "final_round": k,
+                    "rerun_stage1": False, "signal": len(scores) > 0, "rounds": rounds}
+        at = estimate
+    return {"elevation": at, "guess": cfg.guess, "estimate": at, "final_round": None, "rerun_stage1": True,
+            "signal": True, "rounds": rounds}

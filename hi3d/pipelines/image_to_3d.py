@@ -10,7 +10,7 @@ depth/NNN.png        per-frame min-max normalised depth of the stage-1 frames (s
 stage2/              orbit folder: refined frames at the stage-2 resolution (or bicubic / stage-1 copies)
 recon/               hi3d reconstruct output: interp/ (M views), mesh.glb/.obj/.ply, turntable.png
 elevation.json       with --elevation auto (in out_dir, shared by all seeds): guess, estimate, elevation used,
-                     score curve; elevation_probe/ is the stage-1 orbit at the guess it was estimated from
+                     score curves; elevation_probe/round_K/ the stage-1 orbits the estimates were made from
 contact_sheet.png    stage-1 row, stage-2 row
 run.json             config, seed, weight hashes, versions, per-stage time and peak memory
 ```
@@ -21,7 +21,6 @@ so re-running resumes after the last finished stage. ``stages`` stops after any 
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ import torch
 from hi3d.data.orbit import Orbit, load_orbit, save_orbit
 from hi3d.errors import Hi3DError
 from hi3d.io import contact_sheet, load_png, read_json, save_png, write_json
-from hi3d.pipelines.elevation import ElevationConfig, estimate_elevation
+from hi3d.pipelines.elevation import ElevationConfig, auto_elevation
 from hi3d.pipelines.inputs import InputConfig, load_input, to_rgba
 from hi3d.pipelines.text_to_image import TextToImageConfig
 from hi3d.recon.reconstruct import ReconstructConfig
@@ -136,31 +135,31 @@ class ImageTo3D:
 
     def input_elevation(self, rgba: torch.Tensor, out_dir: str | Path, seed: int, record) -> dict:
         """Elevation (degrees) to condition stage 1 on: ``cfg.elevation``, or with ``auto_elevation.enabled`` the
-        estimate from a probe orbit at the guess (``hi3d.pipelines.elevation``), made once per input and kept in
-        ``out_dir/elevation.json`` so a resumed run reuses it. Returns ``{"elevation": used, ...}``."""
+        estimate from stage-1 probe orbits (``hi3d.pipelines.elevation.auto_elevation``; probes kept in
+        ``out_dir/elevation_probe/round_K/``), made once per input with ``seed`` and kept in
+        ``out_dir/elevation.json`` so a resumed run reuses it. Returns ``{"elevation": used, "mode", ...}``."""
         ae, out = self.cfg.auto_elevation, Path(out_dir)
         if not ae.enabled:
             return {"elevation": self.cfg.elevation, "mode": "given"}
-        path = out / "elevation.json"
+        path, probes = out / "elevation.json", out / "elevation_probe"
+
+        def probe(k: int, elevation: float) -> torch.Tensor:
+            orbit = _orbit_done(probes / f"round_{k}")
+            if orbit is None or float(orbit.elevation_deg[0]) != elevation:
+                orbit = self._stage1_orbit(rgba, elevation, seed)
+                save_orbit(orbit, probes / f"round_{k}")
+            return orbit.rgba
+
         with record.stage("elevation") as entry:
             done = read_json(path) if path.is_file() else None
             entry["skipped"] = done is not None
             if done is None:
-                probe = _orbit_done(out / "elevation_probe")
-                if probe is None:
-                    probe = self._stage1_orbit(rgba, ae.guess, seed)
-                    save_orbit(probe, out / "elevation_probe")
-                fov = 2 * math.degrees(math.atan(0.5 * probe.height / float(probe.K[0, 1, 1])))
-                estimate, scores = estimate_elevation(probe.rgba, ae.guess, ae, probe.azimuth_deg,
-                                                      float(probe.radius[0]), fov)
-                rerun = abs(estimate - ae.guess) > ae.tolerance
-                done = {"mode": "auto", "elevation": estimate if rerun else ae.guess, "guess": ae.guess,
-                        "estimate": estimate, "tolerance": ae.tolerance, "rerun_stage1": rerun, "probe_seed": seed,
-                        "signal": len(scores) > 0, "scores": [[round(e, 3), round(v, 5)] for e, v in scores.tolist()]}
+                done = {"mode": "auto", **auto_elevation(probe, ae), "probe_seed": seed}
                 write_json(path, done)
             entry.update({k: done[k] for k in ("guess", "estimate", "elevation", "rerun_stage1")})
         record.add(elevation=done)
-        return {**done, "probe_dir": str(out / "elevation_probe")}
+        final = done["final_round"]
+        return {**done, "probe_dir": None if final is None else str(probes / f"round_{final}")}
 
     def run(self, rgba: torch.Tensor, out_dir: str | Path, seed: int, record,
             elevation: dict | None = None) -> dict[str, Path]:
