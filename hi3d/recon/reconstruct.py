@@ -128,8 +128,9 @@ def _checkpoint_step(path: Path, cfg: NeuSConfig) -> int:
     if not path.is_file():
         return 0
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt["config"] != to_dict(cfg):
-        changed = sorted(k for k in ckpt["config"] if ckpt["config"][k] != to_dict(cfg).get(k))
+    saved, current = {**to_dict(NeuSConfig()), **ckpt["config"]}, to_dict(cfg)  # keys added since: defaults
+    if saved != current:
+        changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
         raise Hi3DError(f"{path} was written with a different NeuS config (changed: {', '.join(changed)}); "
                         "use a new --out folder or delete the checkpoint to start over")
     return int(ckpt["step"])
