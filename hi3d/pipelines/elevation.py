@@ -7,9 +7,11 @@ elevations; the candidate whose projection best matches frame 0's silhouette is 
 silhouettes are cropped to their bounding box and stretched to a fixed square (the input was re-framed, so
 absolute size and position carry no information); the score is the soft IoU of the two normalised
 silhouettes. The aspect ratio is an elevation cue too, but the hull's projection is a superset of the
-object's silhouette whose excess changes the aspect with elevation: keeping it (``keep_aspect``) measured
-worse on rendered orbits (mean abs error 3.4° vs 2.3°, bunny/spider/Wuson, see
-scripts/benchmarks/elevation.py).
+object's silhouette whose excess changes the aspect with elevation; on rendered orbits (128², five real
+objects, 60 cases, scripts/benchmarks/elevation.py) stretching measured best: mean abs error 3.6° vs 4.6°
+with the aspect kept and 4.2° for half of each (``aspect_weight``).
+``auto_elevation`` re-probes at the estimate (up to ``rounds`` stage-1 runs) since the hull's excess pulls
+estimates far from the probe's elevation towards it.
 
 Assumption: the generator orbits the object around its true upright axis whatever g is. A generator that
 instead keeps its frames consistent with a tilted object gives no signal (every candidate then fits at g).
@@ -46,7 +48,7 @@ class ElevationConfig:
     carve_slack: int = 0  # a voxel survives when outside at most this many silhouettes (> 0: tolerate bad frames)
     render_resolution: int = 128  # hull projection, pixels
     compare_resolution: int = 64  # normalised silhouettes compared at this size
-    keep_aspect: bool = False  # True: scale by the box's longer side, keeping the aspect ratio; False: stretch
+    aspect_weight: float = 0.0  # score = (1 - w) IoU(stretched to the box) + w IoU(aspect ratio kept)
     alpha_threshold: float = 0.5  # frames' alpha above this is object
 
 
@@ -167,13 +169,14 @@ def estimate_elevation(rgba: torch.Tensor, guess_deg: float, cfg: ElevationConfi
     N, H, W, _ = rgba.shape
     az = cameras.orbit_azimuths(N) if azimuth_deg is None else torch.as_tensor(azimuth_deg, dtype=torch.float64)
     alpha = (rgba[..., 3].float() > cfg.alpha_threshold).float()
-    target = normalise_silhouette(alpha[0], cfg.compare_resolution, cfg.keep_aspect)
+    weights = {False: 1.0 - cfg.aspect_weight, True: cfg.aspect_weight}
+    targets = {keep: normalise_silhouette(alpha[0], cfg.compare_resolution, keep) for keep in (False, True)}
     masks = _downsample_mask(alpha[1:], cfg.hull_image_size)
     c2w = cameras.orbit_c2w(az[1:], torch.full((N - 1,), float(guess_deg), dtype=torch.float64), radius)
     K = cameras.intrinsics(cfg.hull_image_size, cfg.hull_image_size, fov_deg)
     hull = visual_hull(masks, c2w, K, cfg.grid_resolution, cfg.grid_extent, cfg.carve_slack, cfg.dilate)
     empty = torch.zeros(0, 2, dtype=torch.float64)
-    if target is None or not hull.any():
+    if targets[False] is None or not hull.any():
         return float(guess_deg), empty
     Kr = cameras.intrinsics(cfg.render_resolution, cfg.render_resolution, fov_deg)
     points = hull_points(hull, cfg.grid_extent)
@@ -185,8 +188,10 @@ def estimate_elevation(rgba: torch.Tensor, guess_deg: float, cfg: ElevationConfi
             return
         sil = splat(points, cameras.orbit_c2w(az[0], torch.tensor(el), radius), Kr, cfg.render_resolution,
                     cfg.render_resolution)
-        norm = normalise_silhouette(sil, cfg.compare_resolution, cfg.keep_aspect)
-        scores[el] = 0.0 if norm is None else soft_iou(norm, target)
+        scores[el] = 0.0
+        for keep, w in weights.items():
+            norm = normalise_silhouette(sil, cfg.compare_resolution, keep) if w > 0 else None
+            scores[el] += 0.0 if norm is None else w * soft_iou(norm, targets[keep])
 
     n = int(math.floor((cfg.max_deg - cfg.min_deg) / cfg.coarse_step + 1e-9)) + 1
     for i in range(n):
