@@ -100,6 +100,36 @@ def test_estimator_recovers_the_elevation_of_a_real_object(bunny_orbits, true_de
     assert 0.5 < float(scores[:, 1].max()) <= 1.0
 
 
+def test_auto_elevation_reprobes_at_the_estimate(bunny_orbits):
+    """Two rounds with an ideal generator: the probe at 20° moves the estimate towards the true 35°, the
+    second probe (rendered at that estimate) confirms it within the tolerance."""
+    from conftest import real_object
+    from hi3d.data.render import render_views
+
+    ring, first = bunny_orbits
+    calls = []
+
+    def probe(k, elevation):
+        calls.append((k, elevation))
+        if k == 0:
+            return torch.cat([first[35.0], ring[1:]])
+        az = C.orbit_azimuths(16, 30.0)[1:]
+        frames = render_views(real_object("bunny"), C.orbit_c2w(az, torch.full((15,), elevation)), C.intrinsics(96),
+                              96, 96, with_depth=False).rgba
+        return torch.cat([first[35.0], frames])
+
+    cfg = E.ElevationConfig(grid_resolution=64, tolerance=5.0)
+    found = E.auto_elevation(probe, cfg)
+    assert calls[0] == (0, 20.0) and len(calls) == len(found["rounds"]) <= 2
+    assert found["rounds"][0]["estimate"] > 25.0  # the first probe moved the estimate
+    assert len(calls) == 2 and calls[1] == (1, found["rounds"][0]["estimate"])
+    if found["final_round"] == 1:  # confirmed: stage 1 reuses the second probe
+        assert found["elevation"] == calls[1][1] and abs(found["estimate"] - calls[1][1]) <= 5.0
+    else:
+        assert found["rerun_stage1"] and found["elevation"] == found["estimate"]
+    assert abs(found["elevation"] - 35.0) <= 8.0, found["elevation"]
+
+
 def test_no_signal_returns_the_guess():
     rgba = torch.ones(4, 32, 32, 4)
     rgba[0, ..., 3] = 0  # empty frame-0 silhouette

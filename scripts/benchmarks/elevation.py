@@ -72,6 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--views", type=int, default=16)
     p.add_argument("--no-reframe", action="store_true", help="keep frame 0 at the render's framing")
     p.add_argument("--no-sanity", action="store_true", help="skip the every-frame-at-e* runs")
+    p.add_argument("--shift", type=int, default=0,
+                   help="imperfect generator: frames 1..N-1 each shifted by a random offset up to this many pixels")
+    p.add_argument("--seed", type=int, default=0, help="of the --shift offsets")
     p.add_argument("--out", default="outputs/benchmarks")
     p.add_argument("overrides", nargs="*", help="ElevationConfig key=value (guess: --guess)")
     args = p.parse_args(argv)
@@ -80,6 +83,19 @@ def main(argv=None) -> int:
     K = cameras.intrinsics(res)
     es = torch.tensor(args.elevations, dtype=torch.float64)
     cases, per_object, seconds = [], {}, []
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def shift(rgba: torch.Tensor) -> torch.Tensor:
+        """Each frame rolled by its own random offset in [-shift, shift]² pixels, filled with white."""
+        if not args.shift:
+            return rgba
+        out = torch.ones_like(rgba)
+        out[..., 3] = 0
+        for i, (dy, dx) in enumerate(torch.randint(-args.shift, args.shift + 1, (len(rgba), 2), generator=gen)):
+            dy, dx = int(dy), int(dx)
+            src = rgba[i, max(0, -dy):res - max(0, dy), max(0, -dx):res - max(0, dx)]
+            out[i, max(0, dy):max(0, dy) + src.shape[0], max(0, dx):max(0, dx) + src.shape[1]] = src
+        return out
     for name in args.objects:
         path = MESHES[name]
         if not Path(path).is_file():
@@ -90,7 +106,7 @@ def main(argv=None) -> int:
             az = cameras.orbit_azimuths(N, off)
             def ring(elevation: float) -> torch.Tensor:  # the ideal generator's frames 1..N-1
                 c2w = cameras.orbit_c2w(az[1:], torch.full((N - 1,), float(elevation)))
-                return as_generated(render_views(scene, c2w, K, res, res, with_depth=False).rgba, False)
+                return shift(as_generated(render_views(scene, c2w, K, res, res, with_depth=False).rgba, False))
 
             at_guess = ring(g)
             firsts = as_generated(render_views(scene, cameras.orbit_c2w(az[:1].expand(len(es)), es), K, res, res,
@@ -135,7 +151,7 @@ def main(argv=None) -> int:
         per_object[name] = summary([r for r in cases if r["object"] == name])
     overall = summary(cases)
     result = {"config": to_dict(cfg), "resolution": res, "guess": g, "elevations": args.elevations,
-              "azimuths": args.azimuths, "reframe": not args.no_reframe, "per_object": per_object,
+              "azimuths": args.azimuths, "reframe": not args.no_reframe, "shift": args.shift, "per_object": per_object,
               "overall": overall, "cases": cases, "seconds_per_estimate": statistics.mean(seconds),
               "host": platform.node(), "threads": torch.get_num_threads()}
     out = Path(args.out)
@@ -143,7 +159,8 @@ def main(argv=None) -> int:
     lines = [f"# --elevation auto: error on rendered orbits ({res}², guess {g:g}°, e* in "
              f"{', '.join(f'{e:g}' for e in args.elevations)}, "
              f"azimuth offsets {', '.join(f'{a:g}' for a in args.azimuths)}"
-             f"{', frame 0 re-framed' if not args.no_reframe else ''})", "",
+             f"{', frame 0 re-framed' if not args.no_reframe else ''}"
+             f"{f', frames 1..{N - 1} shifted up to {args.shift} px' if args.shift else ''})", "",
              "| object | cases | mean abs (°) | median | max | one round mean / max | e*=g mean / max | "
              "sanity mean / max | constant-g baseline mean / max | stage-1 runs |", "|---" * 10 + "|"]
     for name, s in [*per_object.items(), ("**overall**", overall)]:
