@@ -41,6 +41,7 @@ from hi3d.errors import Hi3DError
 from hi3d.eval import metrics
 from hi3d.eval.gso import find_mesh, gso_mesh_path
 from hi3d.io import read_json, write_bytes, write_json
+from hi3d.recon.hull import carve
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +104,7 @@ def carve_visual_hull(orbit: Orbit, resolution: int = 128, bound: float = 0.55) 
     ``[-bound, bound]³`` whose projection falls inside the mask (alpha > 0.5) of every view."""
     axis = torch.linspace(-bound, bound, resolution, dtype=torch.float64)
     pts = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
-    masks = orbit.mask
-    inside = torch.ones(len(pts), dtype=torch.bool)
-    for i in range(len(orbit)):
-        idx = inside.nonzero()[:, 0]  # only points still inside need testing
-        uv, z = cameras.project(pts[idx], orbit.c2w[i], orbit.K[i])
-        px, py = uv[:, 0].floor().long(), uv[:, 1].floor().long()
-        ok = (z > 0) & (px >= 0) & (px < orbit.width) & (py >= 0) & (py < orbit.height)
-        hit = torch.zeros_like(ok)
-        hit[ok] = masks[i][py[ok], px[ok]]
-        inside[idx[~hit]] = False
+    inside = carve(pts, orbit.mask, orbit.c2w, orbit.K)
     return inside.reshape(resolution, resolution, resolution).float()
 
 

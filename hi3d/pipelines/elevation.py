@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from hi3d import cameras
+from hi3d.recon.hull import carve
 
 
 @dataclasses.dataclass
@@ -63,22 +64,6 @@ def _downsample_mask(alpha: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(alpha[:, None].float(), size=(size, size), mode="area")[:, 0]
 
 
-def _lookup(images: torch.Tensor, pts: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    """Value of ``images [N, h, w]`` (bool) at the pixels of world points ``pts [P, 3]`` in each of the N cameras
-    (``c2w [N, 4, 4]``, ``K [N, 3, 3]``): ``[N, P]`` bool, False where a point falls outside the image or
-    behind the camera."""
-    N, h, w = images.shape
-    R, t = c2w[:, :3, :3].float(), c2w[:, :3, 3].float()
-    cam = torch.einsum("pk,nkj->npj", pts, R) - torch.einsum("nk,nkj->nj", t, R)[:, None]
-    z = cam[..., 2]
-    f, c = K[:, [0, 1], [0, 1]].float(), K[:, :2, 2].float()
-    uv = cam[..., :2] / z.clamp_min(1e-6)[..., None] * f[:, None] + c[:, None]
-    col, row = uv[..., 0].floor(), uv[..., 1].floor()
-    ok = (z > 1e-6) & (col >= 0) & (col < w) & (row >= 0) & (row < h)
-    idx = (row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).long()
-    return images.reshape(N, -1).gather(1, idx) & ok
-
-
 def visual_hull(masks: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, resolution: int = 96,
                 extent: float = 0.75, slack: int = 0, dilate: int = 0) -> torch.Tensor:
     """Occupancy ``[D, D, D]`` bool (D = ``resolution``, axis order x, y, z over ``[-extent, extent]^3``) of
@@ -89,12 +74,9 @@ def visual_hull(masks: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, resolut
     ``c2w [N, 4, 4]`` OpenCV cameras, ``K [N, 3, 3]`` or ``[3, 3]`` intrinsics for ``h x w`` pixels.
     A centre outside a view's image counts as outside that silhouette.
     """
-    N = masks.shape[0]
-    K = torch.as_tensor(K).expand(N, 3, 3)
     dilated = F.max_pool2d(masks[:, None].float(), 2 * dilate + 1, 1, dilate)[:, 0] > 0
     pts = _grid_points(resolution, extent).reshape(-1, 3)
-    inside = _lookup(dilated, pts, c2w, K).sum(0)
-    return (inside >= N - slack).reshape(resolution, resolution, resolution)
+    return carve(pts, dilated, c2w.float(), K, slack).reshape(resolution, resolution, resolution)
 
 
 def hull_points(occupancy: torch.Tensor, extent: float, supersample: int = 2) -> torch.Tensor:

@@ -26,6 +26,7 @@ from hi3d import cameras
 from hi3d.data.orbit import Orbit
 from hi3d.errors import Hi3DError
 from hi3d.io import atomic_path
+from hi3d.recon.hull import carve
 from hi3d.recon.rasterize import Rendered, quat_to_rotmat, rasterize
 
 SH_C0 = 0.28209479177387814
@@ -134,17 +135,8 @@ def visual_hull_points(orbit: Orbit, resolution: int = 64, dilate_px: int = 2, e
     hull's boundary shell (voxels with an outside neighbour), or all hull voxels if the shell is empty."""
     ax = torch.linspace(-extent, extent, resolution, dtype=torch.float64)
     grid = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
-    masks = orbit.mask.float()[:, None]
-    if dilate_px > 0:
-        masks = F.max_pool2d(masks, 2 * dilate_px + 1, stride=1, padding=dilate_px)
-    inside = torch.ones(len(grid), dtype=torch.bool)
-    for i in range(len(orbit)):
-        uv, z = cameras.project(grid, orbit.c2w[i], orbit.K[i])
-        col, row = uv[:, 0].floor().long(), uv[:, 1].floor().long()
-        in_frame = (z > 0) & (col >= 0) & (col < orbit.width) & (row >= 0) & (row < orbit.height)
-        hit = torch.ones(len(grid), dtype=torch.bool)
-        hit[in_frame] = masks[i, 0, row[in_frame], col[in_frame]] > 0
-        inside &= hit
+    masks = F.max_pool2d(orbit.mask.float()[:, None], 2 * dilate_px + 1, stride=1, padding=dilate_px)[:, 0] > 0
+    inside = carve(grid, masks, orbit.c2w, orbit.K, outside_frame_carves=False)
     vol = inside.reshape(1, 1, resolution, resolution, resolution).float()
     eroded = -F.max_pool3d(-vol, 3, stride=1, padding=1)
     shell = (vol - eroded).reshape(-1) > 0
