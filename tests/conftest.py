@@ -1,5 +1,4 @@
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,11 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per test worke
 # triton lazily (torch._dynamo, e.g. from torch.optim), so import it before any test renders.
 import torch._dynamo  # noqa: E402,F401
 
-REAL_OBJECTS = {
-    "bunny": ("/usr/share/glmark2/models/bunny.obj", "glmark2-data"),
-    "spider": ("/usr/share/assimp/models/OBJ/spider.obj", "assimp-testmodels"),
-    "wuson": ("/usr/share/assimp/models/PLY/Wuson.ply", "assimp-testmodels"),
-}
+from hi3d.data.real_objects import REAL_OBJECTS  # noqa: E402
 
 
 def real_object(name: str) -> Path:

@@ -11,31 +11,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hi3d.data.real_objects import REAL_OBJECTS, resolve_object
 from hi3d.errors import Hi3DError
 
-REAL_OBJECTS = {
-    "bunny": ("/usr/share/glmark2/models/bunny.obj", "glmark2-data"),
-    "spider": ("/usr/share/assimp/models/OBJ/spider.obj", "assimp-testmodels"),
-    "wuson": ("/usr/share/assimp/models/PLY/Wuson.ply", "assimp-testmodels"),
-}
 QUALITY = {  # config file (relative to the repository's configs/recon) and orbit resolution
     "cpu": ("neus.yaml", 256),
     "high": ("neus_high.yaml", 512),
 }
-
-
-def resolve_object(name: str) -> Path:
-    """A known object name (bunny, spider, wuson) or a mesh path; clear error naming the package to install."""
-    if name in REAL_OBJECTS:
-        path, package = REAL_OBJECTS[name]
-        if not Path(path).is_file():
-            raise Hi3DError(f"the {name} mesh ({path}) is missing: install it with 'apt-get install {package}', "
-                            "or pass --object PATH to a mesh file")
-        return Path(path)
-    path = Path(name)
-    if not path.is_file():
-        raise Hi3DError(f"--object '{name}' is neither one of {', '.join(REAL_OBJECTS)} nor a mesh file")
-    return path
 
 
 def config_path(quality: str) -> Path:
@@ -90,7 +72,7 @@ def run_demo(out: Path, obj: str = "bunny", quality: str = "cpu", num_interp: in
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hi3d demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
-    parser.add_argument("--object", default="bunny", help="bunny | spider | wuson | PATH to a mesh (default bunny)")
+    parser.add_argument("--object", default="bunny", help=f"{' | '.join(REAL_OBJECTS)} | PATH to a mesh (default bunny)")
     parser.add_argument("--quality", choices=sorted(QUALITY), default="cpu",
                         help="cpu: minutes on a laptop CPU (configs/recon/neus.yaml); high: GPU (neus_high.yaml)")
     parser.add_argument("--num-interp", type=int, default=16, help="M interpolated views (0 = plain NeuS)")

@@ -36,19 +36,13 @@ import torch  # noqa: E402
 from hi3d import cameras  # noqa: E402
 from hi3d.config import load_config, to_dict  # noqa: E402
 from hi3d.data.mesh_io import load_mesh  # noqa: E402
+from hi3d.data.real_objects import REAL_OBJECTS  # noqa: E402
 from hi3d.data.render import render_views  # noqa: E402
 from hi3d.io import write_bytes, write_json  # noqa: E402
 from hi3d.pipelines.elevation import ElevationConfig, auto_elevation, estimate_elevation  # noqa: E402
 from hi3d.pipelines.image_to_3d import white_background_rgba  # noqa: E402
 from hi3d.pipelines.preprocess import frame_object  # noqa: E402
 
-MESHES = {
-    "bunny": "/usr/share/glmark2/models/bunny.obj",
-    "spider": "/usr/share/assimp/models/OBJ/spider.obj",
-    "wuson": "/usr/share/assimp/models/PLY/Wuson.ply",
-    "duck": "/usr/share/assimp/models/Collada/duck.dae",
-    "engine": "/usr/share/assimp/models/glTF2/2CylinderEngine-glTF-Binary/2CylinderEngine.glb",
-}
 
 
 def as_generated(rgba: torch.Tensor, reframe: bool, threshold: float = 0.04) -> torch.Tensor:
@@ -64,7 +58,7 @@ def as_generated(rgba: torch.Tensor, reframe: bool, threshold: float = 0.04) -> 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="elevation estimation error on rendered orbits")
-    p.add_argument("--objects", nargs="+", default=list(MESHES))
+    p.add_argument("--objects", nargs="+", default=list(REAL_OBJECTS))
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--guess", type=float, default=20.0)
     p.add_argument("--elevations", type=float, nargs="+", default=[-10, 0, 10, 20, 30, 40])
@@ -97,9 +91,9 @@ def main(argv=None) -> int:
             out[i, max(0, dy):max(0, dy) + src.shape[0], max(0, dx):max(0, dx) + src.shape[1]] = src
         return out
     for name in args.objects:
-        path = MESHES[name]
+        path, package = REAL_OBJECTS[name]
         if not Path(path).is_file():
-            print(f"skip {name}: {path} missing (apt-get install glmark2-data assimp-testmodels)")
+            print(f"skip {name}: {path} missing (apt-get install {package})")
             continue
         scene, _ = load_mesh(path)
         for off in args.azimuths:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
 from hi3d import cameras  # noqa: E402
+from hi3d.data.real_objects import REAL_OBJECTS  # noqa: E402
 from hi3d.io import write_json  # noqa: E402
 from hi3d.recon import rasterize as R  # noqa: E402
 
@@ -107,7 +108,7 @@ def bench_rasteriser(n: int, size: int, repeats: int, strip: int) -> dict:
     }
 
 
-OBJECTS = {"bunny": "/usr/share/glmark2/models/bunny.obj", "spider": "/usr/share/assimp/models/OBJ/spider.obj"}
+OBJECTS = {name: REAL_OBJECTS[name][0] for name in ("bunny", "spider")}
 
 
 def bench_fit(overrides: list[str], size: int, out: Path, name: str = "bunny") -> dict:

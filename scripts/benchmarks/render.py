@@ -21,10 +21,11 @@ os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
 from hi3d import cameras  # noqa: E402
 from hi3d.data.mesh_io import load_mesh  # noqa: E402
+from hi3d.data.real_objects import REAL_OBJECTS  # noqa: E402
 from hi3d.data.render import render_views  # noqa: E402
 from hi3d.io import write_bytes, write_json  # noqa: E402
 
-MESHES = {"bunny": "/usr/share/glmark2/models/bunny.obj", "spider": "/usr/share/assimp/models/OBJ/spider.obj"}
+MESHES = {name: REAL_OBJECTS[name][0] for name in ("bunny", "spider")}
 
 
 def best_of(fn, repeats: int) -> tuple[float, float]:

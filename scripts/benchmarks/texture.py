@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import trimesh
 
-BUNNY = "/usr/share/glmark2/models/bunny.obj"
-SPIDER = "/usr/share/assimp/models/OBJ/spider.obj"
+from hi3d.data.real_objects import REAL_OBJECTS
+
+BUNNY, SPIDER = REAL_OBJECTS["bunny"][0], REAL_OBJECTS["spider"][0]
 
 
 def clock(fn):
