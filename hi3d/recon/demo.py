@@ -72,7 +72,8 @@ def run_demo(out: Path, obj: str = "bunny", quality: str = "cpu", num_interp: in
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hi3d demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
-    parser.add_argument("--object", default="bunny", help=f"{' | '.join(REAL_OBJECTS)} | PATH to a mesh (default bunny)")
+    parser.add_argument("--object", default="bunny",
+                        help=f"{' | '.join(REAL_OBJECTS)} | PATH to a mesh (default bunny)")
     parser.add_argument("--quality", choices=sorted(QUALITY), default="cpu",
                         help="cpu: minutes on a laptop CPU (configs/recon/neus.yaml); high: GPU (neus_high.yaml)")
     parser.add_argument("--num-interp", type=int, default=16, help="M interpolated views (0 = plain NeuS)")
