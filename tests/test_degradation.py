@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import scipy.special
@@ -8,8 +9,9 @@ import torch.nn.functional as F
 
 from hi3d.data import degradation as D
 from hi3d.data.orbit import Orbit, load_orbit, save_orbit
+from hi3d.data.real_objects import REAL_OBJECTS
 
-TEXTURE = "/usr/share/assimp/models/OBJ/SpiderTex.jpg"
+TEXTURE = Path(REAL_OBJECTS["spider"][0]).with_name("SpiderTex.jpg")  # the spider's texture
 
 
 def _psnr(a, b):

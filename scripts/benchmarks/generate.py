@@ -18,6 +18,7 @@ os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
 from hi3d import cameras as C  # noqa: E402
 from hi3d.config import load_config  # noqa: E402
+from hi3d.data.real_objects import resolve_object  # noqa: E402
 from hi3d.io import save_png, write_bytes, write_json  # noqa: E402
 from hi3d.pipelines.generate import generate_one  # noqa: E402
 from hi3d.pipelines.image_to_3d import GenerateConfig  # noqa: E402
@@ -41,7 +42,7 @@ def main() -> None:
     if image is None:
         from hi3d.data.render import render_views
 
-        view = render_views("/usr/share/assimp/models/OBJ/spider.obj",
+        view = render_views(resolve_object("spider"),
                             C.orbit_c2w(torch.tensor([30.0]), torch.tensor([20.0])), C.intrinsics(256), 256, 256)
         image = work / "input.png"
         save_png(image, view.rgba[0])
