@@ -114,7 +114,7 @@ def main(argv=None) -> int:
                 row = {"object": name, "azimuth": off, "true": e, "estimate": found["elevation"],
                        "error": found["elevation"] - e, "one_round_estimate": one, "one_round_error": one - e,
                        "stage1_runs": len(found["rounds"]) + found["rerun_stage1"],
-                       "rounds": [{k: v for k, v in r.items() if k != "scores"} for r in found["rounds"]]}
+                       "rounds": found["rounds"]}  # with each round's score curve
                 est = found["elevation"]
                 if not args.no_sanity:
                     row["sanity_estimate"] = estimate_elevation(torch.cat([first[None], ring(e)]), e, cfg)[0]
