@@ -158,3 +158,24 @@ def test_check_weights(tmp_path, weights, capsys):
     assert main(["check-weights", str(partial)]) == 2
     with pytest.raises(Hi3DError, match="weights folder not found"):
         check_weights(tmp_path / "nope")
+
+
+@pytest.mark.gpu
+@pytest.mark.weights
+def test_real_weights_benchmark_on_gpu(tmp_path):
+    """With HI3D_WEIGHTS=<a weights folder, README layout> on CUDA: scripts/benchmarks/generate.py records every
+    stage's time and CUDA peak memory."""
+    import os
+    import runpy
+    from pathlib import Path
+
+    folder = os.environ.get("HI3D_WEIGHTS")
+    if not folder or not os.path.isdir(folder):
+        pytest.skip("set HI3D_WEIGHTS to a weights folder (README: Weights layout)")
+    bench = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "benchmarks" / "generate.py"))
+    result = bench["main"](["--weights", folder, "--device", "cuda", "--out", str(tmp_path)])
+    stages = result["stages"]
+    assert {"stage1", "stage2", "reconstruct"} <= set(stages), stages
+    assert all(v["wall_time_s"] > 0 for v in stages.values())
+    assert stages["stage1"]["cuda_peak_mb"] > 0 and stages["stage2"]["cuda_peak_mb"] > 0
+    assert (tmp_path / "generate.md").is_file()

@@ -24,14 +24,14 @@ from hi3d.pipelines.generate import generate_one  # noqa: E402
 from hi3d.pipelines.image_to_3d import GenerateConfig  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", help="real weights folder (default: tiny random weights)")
     p.add_argument("--image", help="input RGBA image (default: a render of the assimp spider)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="outputs/benchmarks")
     p.add_argument("overrides", nargs="*", help="GenerateConfig key=value")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="hi3d-generate-bench-"))
     weights = args.weights
     if weights is None:
@@ -65,6 +65,7 @@ def main() -> None:
            for k, v in rows.items()]
     write_bytes(out / "generate.md", ("\n".join(md) + "\n").encode())
     print("\n".join(md))
+    return result
 
 
 if __name__ == "__main__":
