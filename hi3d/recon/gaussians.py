@@ -66,7 +66,7 @@ class GaussianConfig:
     # rasteriser
     tile_size: int = 8
     chunk_elements: int = 1 << 18  # CPU rasteriser block size (elements of [tiles, K, pixels])
-    num_threads: int = 1  # torch CPU threads during the fit (0 = leave torch's setting); 1 is fastest on shared cores
+    num_threads: int = 0  # torch CPU threads during the fit (0 = leave torch's setting, e.g. OMP_NUM_THREADS)
     progress: bool = True
 
 
