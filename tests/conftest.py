@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per test worke
 import torch._dynamo  # noqa: E402,F401
 
 from hi3d.data.real_objects import REAL_OBJECTS  # noqa: E402
+
+
+def accelerate_launch_two_cpu(args: list[str], timeout: int, check: bool = True) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes 2 ARGS`` with ACCELERATE_USE_CPU=1 (two gloo processes;
+    ``--cpu --num_processes 2`` alone starts one unless MPI is installed), from the repository root."""
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0 or not check, proc.stderr[-3000:]
+    return proc
 
 
 def real_object(name: str) -> Path:

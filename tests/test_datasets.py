@@ -48,17 +48,10 @@ def load_script(name: str):
 
 
 def launch_two_cpu_processes(script: str, config: str, overrides: list[str], out: Path, timeout: int) -> list[dict]:
-    """``accelerate launch --multi_gpu --num_processes 2`` with ACCELERATE_USE_CPU=1 (two gloo processes; ``--cpu
-    --num_processes 2`` alone starts one unless MPI is installed). Returns each rank's {step: object ids}."""
-    import os
-    import subprocess
+    """A training script on two CPU processes (``accelerate_launch_two_cpu``). Returns each rank's {step: object ids}."""
+    from conftest import accelerate_launch_two_cpu
 
-    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           str(ROOT / "scripts" / script), "--config", str(ROOT / config), *overrides]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    accelerate_launch_two_cpu([str(ROOT / "scripts" / script), "--config", str(ROOT / config), *overrides], timeout)
     return [dict(line.split("\t") for line in (out / "object_ids" / f"rank{r}.txt").read_text().splitlines())
             for r in range(2)]
 

@@ -114,6 +114,27 @@ def test_batch_summary_and_failures_not_fatal(tmp_path, weights, spider_image, c
     assert (out / "good/stage1/cameras.json").stat().st_mtime_ns == good_time  # finished inputs skipped
 
 
+def test_batch_is_sharded_across_two_accelerate_processes(tmp_path, weights, spider_image):
+    """``accelerate launch --num_processes 2 -m hi3d.cli generate FOLDER``: each input made once, by one of
+    the two processes; the summary covers all of them, failures included."""
+    from conftest import accelerate_launch_two_cpu
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        shutil.copy(spider_image, folder / f"{name}.png")
+    Image.fromarray(np.full((40, 40, 3), 255, np.uint8)).save(folder / "blank.png")
+    out = tmp_path / "batch"
+    proc = accelerate_launch_two_cpu(["-m", "hi3d.cli", "generate", str(folder), "--out", str(out), "--weights",
+                                      str(weights), "--stages", "stage1"], timeout=600, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # one input failed: the batch says so in its exit code
+    status = {n: json.loads((out / n / "status.json").read_text()) for n in ("a", "b", "blank", "c")}
+    assert {n: s["status"] for n, s in status.items()} == {"a": "ok", "b": "ok", "blank": "failed", "c": "ok"}
+    # sorted a, b, blank, c, dealt round-robin
+    assert {n: s["process"] for n, s in status.items()} == {"a": 0, "b": 1, "blank": 0, "c": 1}
+    assert "3/4 succeeded" in (out / "summary.md").read_text()
+
+
 def test_bad_inputs_give_one_line_errors(tmp_path, weights, spider_image, capsys):
     blank = tmp_path / "blank.png"
     Image.fromarray(np.zeros((40, 40, 4), np.uint8)).save(blank)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import time
 import traceback
@@ -46,8 +47,9 @@ def _status_path(out: Path) -> Path:
 
 
 def generate_one(cfg: GenerateConfig, out: Path, source: Path | None = None, prompt: str | None = None,
-                 runner: ImageTo3D | None = None) -> dict:
-    """Run (or resume) one input; returns its status entry (also written to ``out/status.json``)."""
+                 runner: ImageTo3D | None = None, process: int = 0) -> dict:
+    """Run (or resume) one input on accelerate process ``process``; returns its status entry (also written to
+    ``out/status.json``)."""
     from hi3d.provenance import RunRecord
 
     runner = runner or ImageTo3D(cfg)
@@ -70,7 +72,8 @@ def generate_one(cfg: GenerateConfig, out: Path, source: Path | None = None, pro
         outputs[seed] = {name: str(p) for name, p in runner.run(rgba, seed_dir, seed, record, elevation).items()}
     record.finish(outputs=outputs)
     status = {"input": str(source or prompt), "status": "ok", "stages": cfg.stages,
-              "seconds": round(time.perf_counter() - start, 1), "error": "", "elevation": elevation["elevation"]}
+              "seconds": round(time.perf_counter() - start, 1), "error": "", "elevation": elevation["elevation"],
+              "process": process}
     if elevation["mode"] == "auto":
         status.update(elevation_guess=elevation["guess"], elevation_estimate=elevation["estimate"])
     write_json(_status_path(out), status)
@@ -85,7 +88,7 @@ def write_summary(out: Path, items: list[tuple[str, Path]]) -> list[dict]:
             rows.append({"name": name, **read_json(_status_path(folder))})
         except (OSError, ValueError):
             rows.append({"name": name, "input": name, "status": "not run", "stages": "", "seconds": "", "error": ""})
-    keys = ["name", "status", "seconds", "stages", "elevation", "error", "input"]
+    keys = ["name", "status", "seconds", "stages", "elevation", "process", "error", "input"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
@@ -100,10 +103,14 @@ def write_summary(out: Path, items: list[tuple[str, Path]]) -> list[dict]:
 
 
 def run_batch(cfg: GenerateConfig, sources: list[Path], out: Path) -> list[dict]:
-    """Each input to ``out/<stem>/``, inputs sharded over accelerate processes; failures recorded, not fatal."""
+    """Each input to ``out/<stem>/``, inputs sharded over accelerate processes (``device=auto``: each on its
+    own GPU, or gloo CPU processes without CUDA); failures recorded, not fatal."""
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    if cfg.device == "auto":
+        cfg = dataclasses.replace(cfg, device=str(state.device))
     names = [p.stem for p in sources]
     if len(set(names)) != len(names):
         raise Hi3DError("inputs with the same file name would share an output folder: rename them")
@@ -119,11 +126,11 @@ def run_batch(cfg: GenerateConfig, sources: list[Path], out: Path) -> list[dict]
         if done and done.get("status") == "ok" and done.get("stages") == cfg.stages:
             continue
         try:
-            generate_one(cfg, folder, source=src, runner=runner)
+            generate_one(cfg, folder, source=src, runner=runner, process=state.process_index)
         except Exception as e:  # one bad input never stops the batch
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             write_json(_status_path(folder), {"input": str(src), "status": "failed", "stages": cfg.stages,
-                                              "seconds": "", "error": msg})
+                                              "seconds": "", "error": msg, "process": state.process_index})
             if not isinstance(e, Hi3DError):
                 write_bytes(folder / "error.log", traceback.format_exc().encode())
     state.wait_for_everyone()
