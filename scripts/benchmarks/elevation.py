@@ -44,7 +44,6 @@ from hi3d.pipelines.image_to_3d import white_background_rgba  # noqa: E402
 from hi3d.pipelines.preprocess import frame_object  # noqa: E402
 
 
-
 def as_generated(rgba: torch.Tensor, reframe: bool, threshold: float = 0.04) -> torch.Tensor:
     """Rendered ``[N, H, W, 4]`` -> what ``hi3d generate`` sees: on white, alpha by distance from white;
     with ``reframe`` each frame re-framed like the input (only frame 0 is passed with it)."""
