@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import real_object
+
 from hi3d.config import load_config
 from hi3d.data.mesh_io import as_trimesh, load_mesh, to_file_coords
 from hi3d.data.orbit import load_orbit

@@ -4,9 +4,18 @@ import pytest
 import torch
 
 from hi3d.errors import Hi3DError
-from hi3d.models.convert import (build_modules, convert_stage1, convert_state_dict, default_config_dir, key_map,
-                                 layout_of, read_checkpoint, to_sgm, vae_kind_of)
 from hi3d.models.conditioning import install_slot_projection
+from hi3d.models.convert import (
+    build_modules,
+    convert_stage1,
+    convert_state_dict,
+    default_config_dir,
+    key_map,
+    layout_of,
+    read_checkpoint,
+    to_sgm,
+    vae_kind_of,
+)
 from hi3d.models.stage1 import Stage1Config, TinyConfig, tiny_components
 from hi3d.models.svd import clip_embed, decode_latents, encode_frames, init_weights_, unet_forward
 from hi3d.pipelines.orbit import OrbitPipeline
@@ -156,7 +165,8 @@ def test_paper_size_key_names_match_generative_models():
             "first_stage_model.decoder.up.3.block.2.time_stack.out_layers.3.weight",
         "vae.decoder.time_conv_out.weight": "first_stage_model.decoder.conv_out.time_mix_conv.weight",
         "vae.decoder.mid_block.resnets.0.time_mixer.mix_factor": "first_stage_model.decoder.mid.block_1.mix_factor",
-        "vae.encoder.down_blocks.1.resnets.0.conv_shortcut.weight": "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight",
+        "vae.encoder.down_blocks.1.resnets.0.conv_shortcut.weight":
+            "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight",
         "vae.encoder.mid_block.attentions.0.to_out.0.weight": "first_stage_model.encoder.mid.attn_1.proj_out.weight",
         "image_encoder.vision_model.encoder.layers.31.mlp.fc2.weight":
             "conditioner.embedders.0.open_clip.model.visual.transformer.resblocks.31.mlp.c_proj.weight",

@@ -8,8 +8,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from hi3d import cameras
-from hi3d.data.datasets import (DataConfig, OrbitDataset, ShardOrbitDataset, build_dataset, first_samples,
-                                frame_indices, resize_center_crop)
+from hi3d.data.datasets import (
+    DataConfig,
+    OrbitDataset,
+    ShardOrbitDataset,
+    build_dataset,
+    first_samples,
+    frame_indices,
+    resize_center_crop,
+)
 from hi3d.data.orbit import Orbit, save_orbit
 from hi3d.errors import Hi3DError
 

@@ -3,8 +3,14 @@ import torch
 import torch.nn.functional as F
 
 from hi3d.errors import Hi3DError
-from hi3d.models.depth import (DepthConfig, DepthEstimator, depth_channels, normalise_per_frame, pack_depth,
-                               tiny_depth_estimator)
+from hi3d.models.depth import (
+    DepthConfig,
+    DepthEstimator,
+    depth_channels,
+    normalise_per_frame,
+    pack_depth,
+    tiny_depth_estimator,
+)
 
 
 def test_min_max_normalisation_per_frame():

@@ -76,6 +76,7 @@ def test_normalised_silhouettes_ignore_position_and_scale():
 def bunny_orbits():
     """Bunny at 96 px: frames 1..15 at the guess 20°, frame 0 (azimuth offset 30°) at 20°, 0° and 35°."""
     from conftest import real_object
+
     from hi3d.data.render import render_views
 
     path, res = real_object("bunny"), 96
@@ -104,6 +105,7 @@ def test_auto_elevation_reprobes_at_the_estimate(bunny_orbits):
     """Two rounds with an ideal generator: the probe at 20° moves the estimate towards the true 35°, the
     second probe (rendered at that estimate) confirms it within the tolerance."""
     from conftest import real_object
+
     from hi3d.data.render import render_views
 
     ring, first = bunny_orbits
@@ -147,6 +149,7 @@ def weights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def spider_image(tmp_path_factory):
     from conftest import real_object
+
     from hi3d.data.render import render_views
     from hi3d.io import save_png
 

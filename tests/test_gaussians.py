@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import real_object
 
 from hi3d import cameras
 from hi3d.cli import main as hi3d_main
@@ -12,8 +13,6 @@ from hi3d.errors import Hi3DError
 from hi3d.eval.metrics import psnr, ssim
 from hi3d.recon.gaussians import GaussianConfig, GaussianModel, fit_gaussians, initial_model, visual_hull_points
 from hi3d.recon.interpolate import interpolate_views, interpolated_cameras, render_orbit_views
-
-from conftest import real_object
 
 ROOT = Path(__file__).resolve().parents[1]
 

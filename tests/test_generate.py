@@ -31,6 +31,7 @@ def weights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def spider_image(tmp_path_factory):
     from conftest import real_object
+
     from hi3d.data.render import render_views
 
     path = real_object("spider")

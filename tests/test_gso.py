@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import trimesh
-
 from conftest import real_object
+
 from hi3d.data.mesh_io import as_trimesh, load_mesh, to_file_coords
 from hi3d.data.orbit import save_orbit
 from hi3d.data.render import render_views

@@ -8,8 +8,18 @@ import torch
 from hi3d import cameras
 from hi3d.data.orbit import Orbit
 from hi3d.recon.hashgrid import HashGrid, reference_encode
-from hi3d.recon.neus import (NeuSConfig, NeuSModel, composite_weights, fit_neus, load_model, make_optimizer,
-                             neus_alpha, render_rays, sphere_near_far, training_losses)
+from hi3d.recon.neus import (
+    NeuSConfig,
+    NeuSModel,
+    composite_weights,
+    fit_neus,
+    load_model,
+    make_optimizer,
+    neus_alpha,
+    render_rays,
+    sphere_near_far,
+    training_losses,
+)
 
 TINY = dict(num_levels=4, log2_hashmap_size=12, base_resolution=8, max_resolution=32, start_levels=4,
             hidden_dim=32, feature_dim=7, color_hidden_dim=32, num_samples=24, num_importance=16,

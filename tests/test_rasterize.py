@@ -5,7 +5,14 @@ import torch
 
 from hi3d import cameras
 from hi3d.recon.rasterize import (
-    _viewmat, bin_tiles, project_gaussians, quat_to_rotmat, rasterize, rasterize_dense, rasterize_tiles)
+    _viewmat,
+    bin_tiles,
+    project_gaussians,
+    quat_to_rotmat,
+    rasterize,
+    rasterize_dense,
+    rasterize_tiles,
+)
 
 
 def random_scene(n, seed, dtype=torch.float64, opacity=(0.0, 1.0), scale=(0.01, 0.08)):

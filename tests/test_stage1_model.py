@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from hi3d.errors import ConfigError, Hi3DError
-from hi3d.models.conditioning import (SVD_SLOTS, SlotTimeProjection, adapt_added_time_projection, added_time_ids,
-                                      projection_input_dim, sgm_timestep_embedding, widen_conv_in)
+from hi3d.models.conditioning import (
+    SVD_SLOTS,
+    SlotTimeProjection,
+    adapt_added_time_projection,
+    added_time_ids,
+    projection_input_dim,
+    sgm_timestep_embedding,
+    widen_conv_in,
+)
 from hi3d.models.stage1 import Stage1Config, Stage1Task, TinyConfig, load_stage1, tiny_components
 from hi3d.models.svd import unet_forward
 

@@ -8,9 +8,16 @@ from hi3d.errors import Hi3DError
 from hi3d.models import stage1
 from hi3d.models.conditioning import SVD_SLOTS, added_time_ids
 from hi3d.models.depth import DepthConfig, tiny_depth_estimator
-from hi3d.models.stage2 import (Stage2Config, Stage2Task, frame_conditions, in_channels, load_stage2,
-                                tiny_components, widen_for_stage2)
 from hi3d.models.stage1 import TinyConfig
+from hi3d.models.stage2 import (
+    Stage2Config,
+    Stage2Task,
+    frame_conditions,
+    in_channels,
+    load_stage2,
+    tiny_components,
+    widen_for_stage2,
+)
 from hi3d.models.svd import unet_forward
 from hi3d.pipelines.refine import RefinePipeline, upsample
 

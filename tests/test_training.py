@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_datasets import synthetic_orbit
 
 from hi3d.data.datasets import DataConfig, OrbitDataset, first_samples
 from hi3d.data.orbit import save_orbit
 from hi3d.training.checkpoint import latest_checkpoint, list_checkpoints
 from hi3d.training.loop import TrainConfig, iterate_batches, map_epoch_batches, train
-from test_datasets import synthetic_orbit
 
 
 class StandInTask:
@@ -130,8 +130,9 @@ def test_resume_equals_uninterrupted(dataset, initial_state, tmp_path):
 
 
 def test_resume_with_tar_shards(dataset, initial_state, tmp_path):
-    from hi3d.data.datasets import ShardOrbitDataset
     from test_datasets import load_script
+
+    from hi3d.data.datasets import ShardOrbitDataset
 
     load_script("make_shards").make_shards(Path(dataset.cfg.root), tmp_path / "shards", per_shard=2, seed=0)
     shards = ShardOrbitDataset(dataclasses.replace(dataset.cfg, root=str(tmp_path / "shards"), shuffle_buffer=2))
@@ -189,8 +190,9 @@ def stage1_script():
 
 
 def test_stage1_configs_give_the_paper_recipe():
-    from hi3d.config import load_config
     from omegaconf import OmegaConf
+
+    from hi3d.config import load_config
 
     script = stage1_script()
     paper = load_config(script.Stage1TrainConfig, ROOT / "configs/stage1/paper.yaml")

@@ -31,16 +31,16 @@ import itertools
 import json
 import tarfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from hi3d.data.orbit import load_orbit
 from hi3d.errors import Hi3DError
 from hi3d.io import load_png, rgba_on_white
-from hi3d.data.orbit import load_orbit
 
 
 @dataclasses.dataclass

@@ -67,7 +67,7 @@ class Orbit:
         """``[N, H, W, 3]`` in [0, 1]."""
         return self.rgba[..., :3] * self.rgba[..., 3:] + (1 - self.rgba[..., 3:])
 
-    def select(self, index) -> "Orbit":
+    def select(self, index) -> Orbit:
         """A sub-orbit of the views ``index`` (list, slice or tensor)."""
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         idx = list(range(len(self)))[index] if isinstance(index, slice) else list(torch.as_tensor(index).tolist())

@@ -106,7 +106,7 @@ class _Renderer:
         self.depth_offset = self._depth_sample_offset(pyrender)
 
     @classmethod
-    def get(cls, width: int, height: int) -> "_Renderer":
+    def get(cls, width: int, height: int) -> _Renderer:
         if cls._instance is None:
             cls._instance = cls(width, height)
         r = cls._instance.r

@@ -27,8 +27,9 @@ import dataclasses
 import importlib
 import logging
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,9 +116,9 @@ def reconstruct_visual_hull(views_dir: Path, out_dir: Path, num_interp: int, ove
     not the paper's 3DGS + NeuS pipeline. ``overrides``: ``resolution=<grid>``. Mesh in source coordinates."""
     import mcubes
 
+    from hi3d.data.mesh_io import to_file_coords
     from hi3d.data.orbit import concat_orbits
     from hi3d.data.render import render_views
-    from hi3d.data.mesh_io import to_file_coords
 
     opts = dict(o.split("=", 1) for o in overrides)
     orbit = load_orbit(views_dir, load_depth=False)

@@ -32,15 +32,16 @@ import math
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hi3d import cameras
-from hi3d.data.mesh_io import as_trimesh, load_mesh, load_scene, axis_change, unit_cube_transform
+from hi3d.data.mesh_io import as_trimesh, axis_change, load_mesh, load_scene, unit_cube_transform
 from hi3d.data.orbit import Orbit, load_orbit, save_orbit
 from hi3d.errors import Hi3DError
 from hi3d.eval import metrics

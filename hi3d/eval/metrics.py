@@ -146,7 +146,7 @@ class ClipScorer:
         self.device = torch.device(device)
 
     @classmethod
-    def from_pretrained(cls, model_name: str, weights: str | Path, device: str | torch.device = "cpu") -> "ClipScorer":
+    def from_pretrained(cls, model_name: str, weights: str | Path, device: str | torch.device = "cpu") -> ClipScorer:
         """open_clip ``model_name`` (e.g. ``ViT-B-32``) with weights from the local file ``weights``."""
         import open_clip
 

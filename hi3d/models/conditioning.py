@@ -20,7 +20,7 @@ stage 2 ``["elevation", "noise_aug"]`` -> 512; SVD itself ``["fps", "motion_buck
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

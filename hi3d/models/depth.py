@@ -89,7 +89,7 @@ class DepthEstimator(torch.nn.Module):
         return depth_channels(self.cfg)
 
     @classmethod
-    def from_pretrained(cls, cfg: DepthConfig, torch_dtype=None) -> "DepthEstimator":
+    def from_pretrained(cls, cfg: DepthConfig, torch_dtype=None) -> DepthEstimator:
         """Load ``cfg.pretrained`` (local only; mean/std from its ``preprocessor_config.json`` if present)."""
         folder = cfg.pretrained
         if folder is None:

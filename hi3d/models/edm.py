@@ -8,7 +8,7 @@ Shapes: ``σ`` is ``[B]`` (one σ per video) unless stated; latents are ``[B, F,
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -17,10 +17,23 @@ import torch
 
 from hi3d.errors import Hi3DError
 from hi3d.models import edm
-from hi3d.models.conditioning import (SVD_SLOTS, adapt_added_time_projection, added_time_ids, check_slots,
-                                      install_slot_projection)
-from hi3d.models.svd import (clip_embed, encode_condition, encode_frames, init_weights_, module_device_dtype,
-                             prepare_for_training, randn, unet_forward)
+from hi3d.models.conditioning import (
+    SVD_SLOTS,
+    adapt_added_time_projection,
+    added_time_ids,
+    check_slots,
+    install_slot_projection,
+)
+from hi3d.models.svd import (
+    clip_embed,
+    encode_condition,
+    encode_frames,
+    init_weights_,
+    module_device_dtype,
+    prepare_for_training,
+    randn,
+    unet_forward,
+)
 
 SVD_REPO = "stabilityai/stable-video-diffusion-img2vid-xt"
 SUBFOLDERS = ("unet", "vae", "image_encoder", "feature_extractor")

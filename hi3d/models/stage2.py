@@ -33,8 +33,15 @@ from hi3d.models import edm
 from hi3d.models.conditioning import added_time_ids, check_slots, widen_conv_in
 from hi3d.models.depth import DepthConfig, DepthEstimator, depth_channels, tiny_depth_estimator
 from hi3d.models.stage1 import Stage1Config, VideoDiffusionConfig, load_stage1
-from hi3d.models.svd import (clip_embed, encode_frames, module_device_dtype, prepare_for_training, randn,
-                             unet_forward, vae_scale_factor)
+from hi3d.models.svd import (
+    clip_embed,
+    encode_frames,
+    module_device_dtype,
+    prepare_for_training,
+    randn,
+    unet_forward,
+    vae_scale_factor,
+)
 
 SVD_IN_CHANNELS = 8
 

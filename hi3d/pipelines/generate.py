@@ -157,7 +157,8 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--text", help="prompt: text -> image -> 3D (needs WEIGHTS/text_to_image)")
     p.add_argument("--out", required=True)
     p.add_argument("--weights", help="weights folder (see `hi3d check-weights`)")
-    p.add_argument("--elevation", metavar="DEG|auto", help="elevation of the input view in degrees (default 20), or 'auto': estimate it "
+    p.add_argument("--elevation", metavar="DEG|auto", help="elevation of the input view in degrees (default 20), or 'auto': "
+                   "estimate it "
                    "from a stage-1 probe orbit at auto_elevation.guess (hi3d.pipelines.elevation)")
     p.add_argument("--seed", type=int)
     p.add_argument("--num-seeds", type=int)

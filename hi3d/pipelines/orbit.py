@@ -9,8 +9,8 @@ SVD), input noise-augmented with strength 0.02, frame 0 of the output replaced b
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -21,8 +21,15 @@ from hi3d.io import atomic_folder, write_json
 from hi3d.models import edm
 from hi3d.models.conditioning import added_time_ids
 from hi3d.models.stage1 import PIPELINE_FILE, Stage1Components, Stage1Config, load_stage1
-from hi3d.models.svd import (clip_embed, decode_latents, encode_condition, module_device_dtype, randn,
-                             unet_forward, vae_scale_factor)
+from hi3d.models.svd import (
+    clip_embed,
+    decode_latents,
+    encode_condition,
+    module_device_dtype,
+    randn,
+    unet_forward,
+    vae_scale_factor,
+)
 from hi3d.pipelines.preprocess import frame_object
 
 
@@ -60,11 +67,11 @@ class OrbitPipeline:
         self.config = config or Stage1Config()
 
     @classmethod
-    def from_components(cls, components: Stage1Components, config: Stage1Config) -> "OrbitPipeline":
+    def from_components(cls, components: Stage1Components, config: Stage1Config) -> OrbitPipeline:
         return cls(components.unet, components.vae, components.image_encoder, components.feature_extractor, config)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, torch_dtype=None, device=None) -> "OrbitPipeline":
+    def from_pretrained(cls, folder: str | Path, torch_dtype=None, device=None) -> OrbitPipeline:
         """Load a folder written by ``save_pretrained`` (config from ``hi3d_pipeline.json``) or a plain SVD
         folder (paper defaults)."""
         from hi3d.config import load_config
@@ -90,7 +97,7 @@ class OrbitPipeline:
             cfg["tiny"]["enabled"] = False
             write_json(tmp / PIPELINE_FILE, cfg)
 
-    def to(self, device=None, dtype=None) -> "OrbitPipeline":
+    def to(self, device=None, dtype=None) -> OrbitPipeline:
         for m in (self.unet, self.vae, self.image_encoder):
             m.to(device=device, dtype=dtype)
         return self

@@ -10,8 +10,8 @@ Ablations: ``use_depth=False`` feeds zeros in the depth channels; "no stage 2" i
 use ``upsample(frames, size)`` (the same bicubic upsampling the refiner starts from) instead of ``refine``.
 
 ``low_memory=True``: VAE encode one frame and decode ≤ 2 frames at a time (the temporal decoder mixes the
-frames of a chunk, so the chunk size changes the output slightly, as SVD's ``decode_chunk_size``), conditional and unconditional UNet passes one
-after the other (not batched), SDPA attention processors, and model CPU offload: on CUDA every model
+frames of a chunk, so the chunk size changes the output slightly, as SVD's ``decode_chunk_size``), conditional and
+unconditional UNet passes one after the other (not batched), SDPA attention processors, and model CPU offload: on CUDA every model
 lives on the CPU and is moved to the GPU only while it runs (diffusers' "model CPU offload" behaviour,
 done by explicit moves because the SVD helpers place inputs on a module's parameter device); on a CPU
 device offloading is a no-op.
@@ -20,8 +20,8 @@ device offloading is a no-op.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,7 @@ class RefinePipeline:
         self._device = next(unet.parameters()).device
 
     @classmethod
-    def from_components(cls, c: Stage2Components, config: Stage2Config) -> "RefinePipeline":
+    def from_components(cls, c: Stage2Components, config: Stage2Config) -> RefinePipeline:
         return cls(c.unet, c.vae, c.image_encoder, c.feature_extractor, c.depth, config)
 
     @property
@@ -64,7 +64,7 @@ class RefinePipeline:
         return Stage2Components(self.unet, self.vae, self.image_encoder, self.feature_extractor, self.depth)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, torch_dtype=None, device=None, **overrides) -> "RefinePipeline":
+    def from_pretrained(cls, folder: str | Path, torch_dtype=None, device=None, **overrides) -> RefinePipeline:
         """A folder from ``save_pretrained`` / the stage-2 converter (config in ``hi3d_pipeline.json``), or an
         SVD folder (paper defaults, conv_in widened; depth from ``depth_pretrained``). ``overrides``:
         ``key=value`` strings' keys and values, e.g. ``low_memory=True``."""
@@ -95,7 +95,7 @@ class RefinePipeline:
     def _models(self):
         return (self.unet, self.vae, self.image_encoder, self.depth)
 
-    def to(self, device=None, dtype=None) -> "RefinePipeline":
+    def to(self, device=None, dtype=None) -> RefinePipeline:
         if device is not None:
             self._device = torch.device(device)
         offload = self.config.low_memory and self._device.type == "cuda"

@@ -15,8 +15,8 @@ missing files, unreadable files, shapes that don't fit the model) and checks tha
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from hi3d.errors import Hi3DError
 

@@ -117,7 +117,7 @@ class GaussianModel(torch.nn.Module):
                         "sh_degree": self.sh_degree, **extra}, tmp)
 
     @classmethod
-    def load(cls, path: str | Path, device="cpu") -> "GaussianModel":
+    def load(cls, path: str | Path, device="cpu") -> GaussianModel:
         path = Path(path)
         if not path.is_file():
             raise Hi3DError(f"{path}: no Gaussian model file")
@@ -314,8 +314,9 @@ def fit_gaussians(orbit: Orbit, cfg: GaussianConfig, checkpoint: str | Path | No
 
 
 def _fit(orbit, cfg, checkpoint, checkpoint_every) -> GaussianModel:
-    from hi3d.eval.metrics import ssim
     from tqdm import tqdm
+
+    from hi3d.eval.metrics import ssim
 
     device = resolve_device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)

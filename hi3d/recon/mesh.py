@@ -24,8 +24,8 @@ import torch.nn.functional as F
 import trimesh
 
 from hi3d.data.mesh_io import to_file_coords
-from hi3d.errors import Hi3DError
 from hi3d.data.orbit import Orbit
+from hi3d.errors import Hi3DError
 from hi3d.io import atomic_path
 from hi3d.recon.neus import NeuSModel
 

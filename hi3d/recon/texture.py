@@ -17,7 +17,7 @@ v = 1; texel (row i, column j) has its centre at uv = ((j + 0.5) / S, 1 - (i + 0
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -276,5 +276,6 @@ def vertex_colored(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     np.add.at(col, inverse, rgb)
     col = np.round(col / counts * 255)
     out = trimesh.Trimesh(mesh.vertices[unique], inverse[mesh.faces], process=False)
-    out.visual = trimesh.visual.ColorVisuals(out, vertex_colors=np.concatenate([col, np.full((len(col), 1), 255)], 1).astype(np.uint8))
+    rgba = np.concatenate([col, np.full((len(col), 1), 255)], 1).astype(np.uint8)
+    out.visual = trimesh.visual.ColorVisuals(out, vertex_colors=rgba)
     return out

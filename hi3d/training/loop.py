@@ -29,8 +29,8 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate
@@ -133,8 +133,8 @@ def iterate_batches(dataset, cfg: TrainConfig, rank: int, world: int, start: int
         raise Hi3DError("the iterable dataset ended; it must stream forever")
     n = len(dataset)
     per_epoch = len(map_epoch_batches(n, 0, cfg.batch_size, rank, world, cfg.seed))
-    epoch, skip = divmod(start, per_epoch)
-    for epoch in itertools.count(epoch):
+    first_epoch, skip = divmod(start, per_epoch)
+    for epoch in itertools.count(first_epoch):
         batches = map_epoch_batches(n, epoch, cfg.batch_size, rank, world, cfg.seed)[skip:]
         skip = 0
         yield from DataLoader(dataset, batch_sampler=batches, **kwargs)

@@ -26,8 +26,8 @@ def timed(fn, repeat: int) -> float:
 
 
 def main() -> None:
-    from hi3d.data.orbit import Orbit
     from hi3d import cameras
+    from hi3d.data.orbit import Orbit
     from hi3d.io import write_bytes, write_json
     from hi3d.recon.hashgrid import HashGrid, reference_encode
     from hi3d.recon.mesh import marching_cubes, sdf_volume
