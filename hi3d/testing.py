@@ -78,3 +78,24 @@ def save_tiny_weights(folder: str | Path, num_frames: int = 4, resolution: int =
     if text_to_image:
         save_tiny_text_to_image(folder / "text_to_image", seed)
     return folder
+
+
+def shared_dir() -> Path:
+    """The project's shared read-only data: ``$HI3D_SHARED``, else ``<repo root>/../shared``."""
+    import os
+
+    return Path(os.environ.get("HI3D_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
+
+
+def release_keys(stage: int) -> dict[str, list[int]]:
+    """``{key: shape}`` of every tensor of the released Hi3D stage-``stage`` checkpoint (``release-keys/`` in the
+    shared folder, read from the release's own module tree). Raises ``FileNotFoundError`` when absent."""
+    import json
+
+    path = shared_dir() / "release-keys" / f"stage{stage}.json"
+    return {k: v["shape"] for k, v in json.loads(path.read_text())["keys"].items()}
+
+
+def meta_state_dict(keys: dict[str, list[int]], dtype=torch.float16) -> dict[str, torch.Tensor]:
+    """Shape-only (meta-device) tensors for ``keys`` (the released files store float16)."""
+    return {k: torch.empty(shape, dtype=dtype, device="meta") for k, shape in keys.items()}

@@ -2,8 +2,9 @@
 folder loadable by ``hi3d.pipelines.orbit.OrbitPipeline.from_pretrained``.
 
     python scripts/convert_checkpoint.py ckpts/first_stage.pt --out weights/hi3d-stage1 [--ema]
-    python scripts/convert_checkpoint.py --stage 2 ckpts/second_stage.pt --out weights/hi3d-stage2 \
-        --depth weights/dpt-hybrid-midas     (stage 2: ``hi3d/models/convert_stage2.py``, configs/stage2/unet.json)
+    python scripts/convert_checkpoint.py --stage 2 ckpts/second_stage.pt --out weights/hi3d-stage2
+        (stage 2: ``hi3d/models/convert_stage2.py``, configs/stage2/{unet,depth}.json; the checkpoint's MiDaS
+        DPT-Hybrid is converted too, ``--depth <transformers DPT folder>`` replaces it)
 
 Logic and key tables: ``hi3d/models/convert.py``; architecture configs: ``configs/stage1/*.json``.
 """

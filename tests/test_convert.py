@@ -1,147 +1,150 @@
-import copy
+"""Checkpoint conversion (``hi3d.models.convert``, ``convert_stage2``) checked against the released checkpoints'
+tensor list (``release-keys/`` in the shared folder) and against other libraries' implementations."""
+
+import os
+from collections import Counter
 
 import pytest
 import torch
 
 from hi3d.errors import Hi3DError
-from hi3d.models.conditioning import install_slot_projection
-from hi3d.models.convert import (
-    build_modules,
-    convert_stage1,
-    convert_state_dict,
-    default_config_dir,
-    key_map,
-    layout_of,
-    read_checkpoint,
-    to_sgm,
-    vae_kind_of,
-)
-from hi3d.models.stage1 import Stage1Config, TinyConfig, tiny_components
-from hi3d.models.svd import clip_embed, decode_latents, encode_frames, init_weights_, unet_forward
-from hi3d.pipelines.orbit import OrbitPipeline
+from hi3d.models import convert, convert_stage2
+from hi3d.models.convert import build_modules, convert_state_dict, default_config_dir, key_map, layout_of
+from hi3d.testing import meta_state_dict, release_keys, shared_dir
+
+# what the release-keys README and summary.json say the release holds that hi3d does not convert
+EXPECTED_IGNORED = {
+    1: {"text side of the OpenCLIP": 6, "text side of the aesthetic CLIP": 6, "condition-VAE copy": 248},
+    2: {"text side of the OpenCLIP": 6, "ImageNet classifier of MiDaS": 2, "condition-VAE copy": 248},
+}
 
 
-def tiny_cfg(seed):
-    return Stage1Config(num_frames=2, resolution=32, num_inference_steps=2,
-                        tiny=TinyConfig(enabled=True, seed=seed, layers_per_block=2, unet_channels=[32, 32, 64],
-                                        unet_heads=[2, 2, 4]))
+def keys_or_skip(stage: int) -> dict[str, list[int]]:
+    try:
+        return release_keys(stage)
+    except FileNotFoundError:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"no release-keys fixture in {shared_dir()} (set HI3D_SHARED)")
 
 
-@pytest.fixture(scope="module")
-def pair():
-    """Two tiny component sets with different random weights: the source and the conversion target."""
-    return tiny_components(tiny_cfg(0)), tiny_components(tiny_cfg(1))
+def deepspeed_file(sd: dict) -> dict:
+    """The release's container: DeepSpeed model states with every key under ``module.``, beside bookkeeping."""
+    return {"module": {"module." + k: v for k, v in sd.items()}, "buffer_names": [], "ds_version": "0.12.6",
+            "global_steps": 1000, "param_shapes": [{}]}
 
 
-def modules(c):
-    return {"unet": c.unet, "vae": c.vae, "image_encoder": c.image_encoder}
+def convert_release(stage: int, sd: dict, **kw):
+    return (convert.convert_stage1_modules if stage == 1 else convert_stage2.convert_stage2_modules)(sd, **kw)
 
 
-def sgm_checkpoint(c) -> dict:
-    """A generative-models-style stage-1 state dict of ``c``, laid out like the release: SVD's first stage has
-    no quant_conv (the concat-latent VAE copy in the conditioner has one), plus tensors the converter must
-    know to ignore (OpenCLIP text leftovers, the VAE copy, Hi3D's aesthetic embedder)."""
-    sd = to_sgm(modules(c))
-    q = {k: sd.pop(k) for k in list(sd) if k.startswith("first_stage_model.quant_conv.")}
-    for k, v in q.items():
-        sd[k.replace("first_stage_model.", "conditioner.embedders.3.encoder.")] = v
-    enc = {k: v for k, v in sd.items() if k.startswith("first_stage_model.encoder.")}
-    sd.update({k.replace("first_stage_model.", "conditioner.embedders.3.encoder."): v for k, v in enc.items()})
-    g = torch.Generator().manual_seed(9)
-    for k in ("conditioner.embedders.0.open_clip.model.token_embedding.weight",
-              "conditioner.embedders.0.open_clip.model.ln_final.weight", "conditioner.embedders.0.open_clip.model.logit_scale",
-              "conditioner.embedders.1.aesthetic_mlp.layers.0.weight"):
-        sd[k] = torch.randn(3, 2, generator=g)
+@pytest.mark.parametrize("stage", [1, 2])
+def test_released_checkpoints_convert_with_no_flag_and_no_leftover(stage):
+    """Every tensor of the released checkpoint (exact keys and shapes, float16 as stored, in the DeepSpeed
+    container) is converted or ignored for a stated reason; none is left over; every target tensor is filled
+    from the checkpoint (none left at its initial value)."""
+    keys = keys_or_skip(stage)
+    sd = convert.unwrap_state_dict(deepspeed_file(meta_state_dict(keys)))
+    assert sorted(sd) == sorted(keys)
+    modules, report = convert_release(stage, sd)
+    assert report.leftover == [] and report.filled == []
+    used = set(keys) - set(report.ignored)
+    assert report.mapped == len(used) and len(used) + len(report.ignored) == len(keys)
+    counts = Counter(why for why in report.ignored.values())
+    assert {next(e for e in EXPECTED_IGNORED[stage] if why.startswith(e)): n for why, n in counts.items()} \
+        == EXPECTED_IGNORED[stage]
+    assert set(modules) == ({"unet", "vae", "image_encoder"} | ({"aesthetic_clip", "aesthetic_mlp"} if stage == 1
+                                                                else {"depth"}))
+    for name, m in modules.items():  # assigned tensors keep the checkpoint's dtype: float16 = came from it
+        bad = [k for k, v in m.state_dict().items() if v.dtype != torch.float16 and not k.endswith("position_ids")]
+        assert bad == [], (name, bad[:3])
+    unet = modules["unet"]
+    assert unet.conv_in.in_channels == (8 if stage == 1 else 17)
+    assert unet.add_embedding.linear_1.in_features == (768 if stage == 1 else 512)
+
+
+def test_plain_state_dict_and_lightning_container_unwrap():
+    sd = {"model.diffusion_model.out.2.weight": torch.zeros(2), "step": 3}
+    assert convert.unwrap_state_dict(sd).keys() == {"model.diffusion_model.out.2.weight"}
+    assert convert.unwrap_state_dict({"state_dict": sd, "epoch": 1}).keys() == {"model.diffusion_model.out.2.weight"}
+    with pytest.raises(Hi3DError, match="not a state dict"):
+        convert.unwrap_state_dict([1, 2])
+
+
+def test_release_vae_names_match_diffusers_single_file_converter():
+    """diffusers' own LDM-VAE converter on the release's ``first_stage_model.*`` gives, for every VAE target, the
+    source our table names (paper size, meta tensors)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    keys = keys_or_skip(1)
+    vae = build_modules(default_config_dir(), "image")["vae"]
+    ours = {k[len("vae."):]: src for k, (src, _) in key_map({"vae": vae}, convert.Layout(vae_levels=4)).items()}
+    src = [k for k in keys if k.startswith("first_stage_model.")]
+    # one-element tensors tagged with their index (of the source key's rank, so diffusers' reshapes apply)
+    tagged = {k: torch.full([1] * len(keys[k]), float(i)) for i, k in enumerate(src)}
+    ref = convert_ldm_vae_checkpoint(tagged, dict(vae.config))
+    assert sorted(ref) == sorted(ours)
+    for k, v in ref.items():
+        assert ours[k] == src[int(v.flatten()[0])], k
+
+
+def unet_release_sd(with_ema: bool) -> dict:
+    keys = {k: s for k, s in keys_or_skip(1).items() if k.startswith("model.diffusion_model.")}
+    sd = meta_state_dict(keys)
+    if with_ema:  # generative-models' LitEma: buffer "model_ema.<name without dots>" of every diffusion_model parameter
+        sd.update({"model_ema." + k[len("model."):].replace(".", ""): torch.empty(s, device="meta") for k, s in keys.items()})
+        sd.update({"model_ema.decay": torch.empty((), device="meta"), "model_ema.num_updates": torch.empty((), device="meta")})
     return sd
 
 
-def outputs(c):
-    g = torch.Generator().manual_seed(0)
-    x, concat = torch.randn(1, 2, 4, 8, 8, generator=g), torch.randn(1, 2, 4, 8, 8, generator=g)
-    clip_in = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
-    with torch.no_grad():
-        clip = clip_embed(c.image_encoder, c.feature_extractor, clip_in)
-        return (unet_forward(c.unet, x, torch.tensor([0.1]), concat, clip, torch.tensor([[0.0, 20.0, 0.02]])),
-                clip, decode_latents(c.vae, x), encode_frames(c.vae, clip_in[:, None], sample=False))
+@pytest.fixture(scope="module")
+def meta_unet():
+    return build_modules(default_config_dir(), "image")["unet"]
 
 
-def test_every_key_mapped_none_left_over_outputs_equal(pair):
-    src, dst = pair[0], copy.deepcopy(pair[1])
-    sd = sgm_checkpoint(src)
-    assert vae_kind_of(sd) == "video"
-    report = convert_state_dict(sd, modules(dst))
-    assert report.leftover == [] and report.filled == []
-    n_targets = sum(len([k for k in m.state_dict() if not k.endswith("position_ids")]) for m in modules(dst).values())
-    layers = dst.image_encoder.config.num_hidden_layers
-    assert report.mapped == n_targets - 4 * layers  # per CLIP layer, q/k/v weights and biases come from 2 in_proj tensors
-    for name, m in modules(dst).items():
-        ref = modules(src)[name].state_dict()
-        for k, v in m.state_dict().items():
-            assert torch.equal(v, ref[k]), f"{name}.{k}"
-    for a, b in zip(outputs(src), outputs(dst)):
-        assert torch.equal(a, b)
+def test_ema_converts_ema_weights_and_ignores_the_raw_ones(meta_unet):
+    """--ema: the UNet is filled from the float32 EMA copies (the raw float16 weights are ignored, not left over);
+    without --ema the raw weights are converted and the EMA copies ignored."""
+    sd, lay = unet_release_sd(with_ema=True), convert.Layout()
+    report = convert_state_dict(sd, {"unet": meta_unet}, use_ema=True, layout=lay)
+    assert report.leftover == []
+    assert {v.dtype for v in meta_unet.state_dict().values()} == {torch.float32}
+    raw = [k for k in sd if k.startswith("model.diffusion_model.")]
+    assert all(report.ignored[k] == convert.RAW_REPLACED for k in raw)
+    assert report.mapped == len(raw)
+    report = convert_state_dict(sd, {"unet": meta_unet}, use_ema=False, layout=lay)
+    assert report.leftover == [] and report.mapped == len(raw)
+    assert {v.dtype for v in meta_unet.state_dict().values()} == {torch.float16}
+    assert sum(why == convert.EMA_UNUSED for why in report.ignored.values()) == len(raw) + 2
 
 
-def test_image_decoder_variant_and_identity_quant_conv():
-    from diffusers import AutoencoderKL
-
-    c = tiny_components(tiny_cfg(0))
-    vae = AutoencoderKL(block_out_channels=(32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, latent_channels=4)
-    init_weights_(vae, torch.Generator().manual_seed(2))
-    src = {"unet": c.unet, "vae": vae, "image_encoder": c.image_encoder}
-    sd = to_sgm(src)
-    assert vae_kind_of(sd) == "image"
-    # independent reference for the LDM VAE names: diffusers' own single-file converter
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    ref = convert_ldm_vae_checkpoint({k: v for k, v in sd.items() if k.startswith("first_stage_model.")}, dict(vae.config))
-    assert sorted(ref) == sorted(vae.state_dict())
-    assert all(torch.equal(ref[k].reshape(v.shape), v) for k, v in vae.state_dict().items())
-    for k in [k for k in sd if "quant_conv" in k]:
-        del sd[k]
-    dst_vae = AutoencoderKL.from_config(vae.config)
-    report = convert_state_dict(sd, {**src, "vae": dst_vae})
-    assert report.leftover == [] and sorted(report.filled) == ["vae.post_quant_conv.bias", "vae.post_quant_conv.weight",
-                                                               "vae.quant_conv.bias", "vae.quant_conv.weight"]
-    for k, v in dst_vae.state_dict().items():
-        if "quant_conv" not in k:
-            assert torch.equal(v, vae.state_dict()[k]), k
-    x = torch.randn(1, 4, 8, 8)
-    assert torch.allclose(dst_vae.post_quant_conv(x), x, atol=1e-6)  # identity where the checkpoint has none
+def test_ema_requested_but_absent_is_one_clear_error(meta_unet):
+    with pytest.raises(Hi3DError, match=r"no EMA weights \(no 'model_ema\.\*' keys") as e:
+        convert_state_dict(unet_release_sd(with_ema=False), {"unet": meta_unet}, use_ema=True, layout=convert.Layout())
+    assert "\n" not in str(e.value)
 
 
-def test_leftover_and_missing_tensors_are_reported(pair, tmp_path):
-    sd = sgm_checkpoint(pair[0])
-    sd["model.diffusion_model.extra_layer.weight"] = torch.zeros(2)
-    with pytest.raises(Hi3DError, match="not converted.*extra_layer"):
-        convert_stage1("x.pt", tmp_path / "out", sd=sd, modules=modules(copy.deepcopy(pair[1])))
+def test_leftover_and_missing_tensors_are_reported():
+    sd = meta_state_dict(keys_or_skip(2))
+    sd["model.diffusion_model.extra_layer.weight"] = torch.empty(2, device="meta")
+    with pytest.raises(Hi3DError, match="1 checkpoint tensors were not converted.*extra_layer"):
+        convert_stage2.convert_stage2_modules(sd)
     del sd["model.diffusion_model.extra_layer.weight"]
     del sd["model.diffusion_model.input_blocks.1.0.time_stack.in_layers.2.weight"]
     with pytest.raises(Hi3DError, match="lacks 1 tensors.*temporal_res_block.conv1"):
-        convert_state_dict(sd, modules(copy.deepcopy(pair[1])))
+        convert_stage2.convert_stage2_modules(sd)
+    sd = {k: v for k, v in meta_state_dict(keys_or_skip(2)).items() if not k.startswith(convert.DEPTH)}
+    with pytest.raises(Hi3DError, match="holds no depth model.*--depth"):
+        convert_stage2.convert_stage2_modules(sd)
+    _, report = convert_stage2.convert_stage2_modules(meta_state_dict(keys_or_skip(2)), own_depth=True)
+    assert report.leftover == [] and sum(w == convert_stage2.REPLACED_DEPTH for w in report.ignored.values()) == 368
 
 
-def test_convert_to_pipeline_folder(pair, tmp_path):
-    src = pair[0]
-    out = tmp_path / "hi3d-stage1"
-    ckpt = tmp_path / "first_stage.pt"
-    torch.save({"module": {"module." + k: v for k, v in sgm_checkpoint(src).items()}}, ckpt)  # DeepSpeed layout
-    sd = read_checkpoint(ckpt)
-    assert all(not k.startswith("module.") for k in sd)
-    report = convert_stage1(ckpt, out, sd=sd, modules=modules(copy.deepcopy(pair[1])))
-    assert report.leftover == []
-    cfg = tiny_cfg(0)
-    cfg.slots, cfg.constant_value = ["aesthetic", "elevation", "noise_aug"], 5.0  # the release's layout
-    ref_comps = copy.deepcopy(src)
-    install_slot_projection(ref_comps.unet, cfg.slots)
-    ref = OrbitPipeline.from_components(ref_comps, cfg)
-    loaded = OrbitPipeline.from_pretrained(out)
-    assert loaded.config.slots == cfg.slots and loaded.config.constant_value == 5.0
-    loaded.config.num_frames, loaded.config.resolution, loaded.config.num_inference_steps = 2, 32, 2
-    image = torch.zeros(32, 32, 4)
-    image[8:24, 10:22] = 1.0
-    assert torch.equal(ref(image, 15.0, seeds=[0]).frames, loaded(image, 15.0, seeds=[0]).frames)
+def test_vae_copy_must_equal_the_first_stage():
+    sd = {"first_stage_model.encoder.conv_in.weight": torch.zeros(2), "conditioner.embedders.3.encoder.encoder.conv_in.weight":
+          torch.ones(2)}
+    with pytest.raises(Hi3DError, match="differs from first_stage_model.encoder.conv_in.weight"):
+        convert._check_vae_copy(sd)
 
 
 def test_paper_size_key_names_match_generative_models():

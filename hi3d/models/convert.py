@@ -3,7 +3,7 @@
 Table-driven: for every parameter of the target diffusers/transformers modules, ``RULES`` (regex on the
 target key -> source key + tensor op) name the sgm key it comes from. A conversion fails with one clear
 error listing target keys without a source; sgm keys that are neither used nor known to be unneeded
-(``IGNORED``) are reported as left over. Stage 2 extends ``RULES``/``IGNORED`` or passes its own tables.
+(``IGNORED``) are reported as left over.
 
 sgm layout (``Stability-AI/generative-models``; Hi3D's release keeps it):
 - ``model.diffusion_model.*``: ``VideoUNet`` (``input_blocks / middle_block / output_blocks``, resnets with
@@ -12,9 +12,15 @@ sgm layout (``Stability-AI/generative-models``; Hi3D's release keeps it):
 - ``first_stage_model.*``: the VAE, LDM ``Encoder`` (``down.i.block.j``, ``mid.block_1/attn_1/block_2``)
   and either SVD's ``VideoDecoder`` (``time_stack``, ``mix_factor``, ``conv_out.time_mix_conv``) or the
   plain image ``Decoder`` (Hi3D's released stage 1 uses SVD's image decoder) plus ``quant_conv``s;
-- ``conditioner.embedders.N.open_clip.model.visual.*``: OpenCLIP ViT-H/14 image tower -> transformers
-  ``CLIPVisionModelWithProjection``; other embedders (the VAE copy used for the concat latent, Hi3D's
-  aesthetic-score CLIP, OpenCLIP's unused text leftovers) are ignored.
+- ``conditioner.embedders.0.open_clip.model.visual.*``: OpenCLIP ViT-H/14 image tower -> transformers
+  ``CLIPVisionModelWithProjection``;
+- stage 1: ``conditioner.embedders.1.aesthetic_model.visual.*`` (OpenAI CLIP ViT-L/14, same layout) -> a second
+  ``CLIPVisionModelWithProjection`` and ``…aesthetic_mlp.*`` -> ``hi3d.models.aesthetic.AestheticMLP``;
+- stage 2: ``conditioner.embedders.2.model.model.*`` (MiDaS DPT-Hybrid) -> transformers ``DPTForDepthEstimation``;
+- known tensors that are not needed (``IGNORED``, each with its reason) are reported apart from leftovers.
+
+The released files are DeepSpeed model states (``{'module': {'module.<key>': ...}}``, float16); the fixture
+``release-keys/`` in the shared folder lists their every key and shape (tests convert it with no flag).
 """
 
 from __future__ import annotations
@@ -30,15 +36,17 @@ import torch
 from hi3d.errors import Hi3DError
 
 UNET, VAE, CLIP = "model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.open_clip.model.visual."
+AES_CLIP, AES_MLP = "conditioner.embedders.1.aesthetic_model.visual.", "conditioner.embedders.1.aesthetic_mlp."  # stage 1
+DEPTH = "conditioner.embedders.2.model.model."  # stage 2: MiDaS DPT-Hybrid (vtdm DepthEmbedder -> MiDaSInference -> DPT)
 
-# ---- tensor ops: (forward sgm -> ours, inverse ours -> sgm) --------------------------------------------------
-OPS: dict[str, tuple[Callable, Callable]] = {
-    "copy": (lambda t: t, lambda t: t),
-    "squeeze_1x1": (lambda t: t.reshape(t.shape[0], -1) if t.ndim == 4 else t, lambda t: t[:, :, None, None]),
-    "transpose": (lambda t: t.t().contiguous(), lambda t: t.t().contiguous()),
-    "q": (lambda t: t.chunk(3)[0].contiguous(), None),  # in_proj split; inverse concatenates q, k, v
-    "k": (lambda t: t.chunk(3)[1].contiguous(), None),
-    "v": (lambda t: t.chunk(3)[2].contiguous(), None),
+# ---- tensor ops (sgm -> ours) --------------------------------------------------------------------------------
+OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "copy": lambda t: t,
+    "squeeze_1x1": lambda t: t.reshape(t.shape[0], -1) if t.ndim == 4 else t,
+    "transpose": lambda t: t.t().contiguous(),
+    "q": lambda t: t.chunk(3)[0].contiguous(),  # fused in_proj / qkv [3·D, ...] split in q, k, v order
+    "k": lambda t: t.chunk(3)[1].contiguous(),
+    "v": lambda t: t.chunk(3)[2].contiguous(),
 }
 
 # ---- leaf renames (ours -> sgm) -------------------------------------------------------------------------------
@@ -151,39 +159,83 @@ def _clip_rules() -> list[tuple[str, Callable[..., str]]]:
     ]
 
 
+def _dpt_rules() -> list[tuple[str, Callable[..., str]]]:
+    """transformers ``DPTForDepthEstimation`` (hybrid) -> MiDaS ``DPTDepthModel`` (``pretrained.model`` = timm
+    ``vit_base_resnet50_384``, ``pretrained.act_postprocessN`` readout/resize, ``scratch`` = neck and head)."""
+    vit, bit = r"dpt\.encoder\.layer\.(\d+)\.", r"dpt\.embeddings\.backbone\.bit\."
+    leaf = {"attention.output.dense": "attn.proj", "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2",
+            "layernorm_before": "norm1", "layernorm_after": "norm2"}
+    return [
+        (r"dpt\.embeddings\.cls_token", lambda: "pretrained.model.cls_token"),
+        (r"dpt\.embeddings\.position_embeddings", lambda: "pretrained.model.pos_embed"),
+        (bit + r"embedder\.convolution\.(.*)", lambda r: f"pretrained.model.patch_embed.backbone.stem.conv.{r}"),
+        (bit + r"embedder\.norm\.(.*)", lambda r: f"pretrained.model.patch_embed.backbone.stem.norm.{r}"),
+        (bit + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(.*)",
+         lambda s, b, r: f"pretrained.model.patch_embed.backbone.stages.{s}.blocks.{b}.{r}"),
+        (r"dpt\.embeddings\.projection\.(.*)", lambda r: f"pretrained.model.patch_embed.proj.{r}"),
+        (vit + r"attention\.attention\.(query|key|value)\.(weight|bias)",
+         lambda i, p, w: f"pretrained.model.blocks.{i}.attn.qkv.{w}"),
+        (vit + r"(.*)", lambda i, r: f"pretrained.model.blocks.{i}.{_leaf(r, leaf)}"),
+        (r"dpt\.layernorm\.(.*)", lambda r: f"pretrained.model.norm.{r}"),
+        (r"neck\.reassemble_stage\.readout_projects\.(\d)\.0\.(.*)",
+         lambda i, r: f"pretrained.act_postprocess{int(i) + 1}.0.project.0.{r}"),
+        (r"neck\.reassemble_stage\.layers\.(\d)\.(projection|resize)\.(.*)",
+         lambda i, p, r: f"pretrained.act_postprocess{int(i) + 1}.{3 if p == 'projection' else 4}.{r}"),
+        (r"neck\.convs\.(\d)\.(.*)", lambda i, r: f"scratch.layer{int(i) + 1}_rn.{r}"),
+        (r"neck\.fusion_stage\.layers\.(\d)\.projection\.(.*)", lambda i, r: f"scratch.refinenet{4 - int(i)}.out_conv.{r}"),
+        (r"neck\.fusion_stage\.layers\.(\d)\.residual_layer([12])\.convolution([12])\.(.*)",
+         lambda i, u, c, r: f"scratch.refinenet{4 - int(i)}.resConfUnit{u}.conv{c}.{r}"),
+        (r"head\.head\.(\d)\.(.*)", lambda i, r: f"scratch.output_conv.{i}.{r}"),
+    ]
+
+
+QKV = {"q": "q", "k": "k", "v": "v", "query": "q", "key": "k", "value": "v"}
+
+
 def _op(module: str, key: str, source: str) -> str:
-    if module == "image_encoder":
-        m = re.search(r"self_attn\.([qkv])_proj", key)
-        if m:
-            return m.group(1)
-        return "transpose" if key == "visual_projection.weight" else "copy"
+    m = re.search(r"(?:self_attn\.([qkv])_proj|attention\.attention\.(query|key|value))\.", key)
+    if m:
+        return QKV[m.group(1) or m.group(2)]
+    if module in ("image_encoder", "aesthetic_clip") and key == "visual_projection.weight":
+        return "transpose"
     if module == "vae" and ".attn_1." in source and source.endswith(".weight") and not source.endswith("norm.weight"):
         return "squeeze_1x1"
     return "copy"
 
 
-PREFIXES = {"unet": UNET, "vae": VAE, "image_encoder": CLIP}
+PREFIXES = {"unet": UNET, "vae": VAE, "image_encoder": CLIP, "aesthetic_clip": AES_CLIP, "aesthetic_mlp": AES_MLP,
+            "depth": DEPTH}
+RULES = {"unet": _unet_rules, "vae": _vae_rules, "image_encoder": lambda lay: _clip_rules(),
+         "aesthetic_clip": lambda lay: _clip_rules(), "aesthetic_mlp": lambda lay: [(r"(layers\.\d\..*)", lambda r: r)],
+         "depth": lambda lay: _dpt_rules()}
 
-# sgm keys that are known and not needed (regexes on the full key)
-IGNORED = [
-    r"conditioner\.embedders\.\d+\.open_clip\.model\.(?!visual\.)",  # OpenCLIP text-side leftovers
-    r"conditioner\.embedders\.\d+\.encoder\.",  # VAE copy encoding the concat latent (same weights)
-    r"conditioner\.embedders\.\d+\.(aesthetic_model|aesthetic_mlp)\.",  # Hi3D's aesthetic-score embedder
-    r"model_ema\.",  # EMA copies when not converting the EMA weights
-    r"first_stage_model\.loss\.", r"denoiser\.", r"sampler\.", r"loss_fn\.",
+# sgm keys that are known and deliberately not converted: (regex on the full key, why)
+IGNORED: list[tuple[str, str]] = [
+    (r"conditioner\.embedders\.\d+\.open_clip\.model\.(?!visual\.)",
+     "text side of the OpenCLIP ViT-H/14 (ln_final, token_embedding, ...): the image embedder never uses it"),
+    (r"conditioner\.embedders\.\d+\.aesthetic_model\.(?!visual\.)",
+     "text side of the aesthetic CLIP ViT-L/14 (AesEmbedder deletes only its transformer): encode_image never uses it"),
+    (r"conditioner\.embedders\.\d+\.encoder\.",
+     "condition-VAE copy that encodes the concat latent: the same tensors as first_stage_model (checked when real)"),
+    (r"conditioner\.embedders\.\d+\.model\.model\.pretrained\.model\.head\.",
+     "ImageNet classifier of MiDaS's timm ViT: the depth model never uses it"),
+    (r"first_stage_model\.loss\.|denoiser\.|sampler\.|loss_fn\.", "training-only objects"),
 ]
+EMA_UNUSED = "EMA copies (model_ema.*): not converted without --ema"
+RAW_REPLACED = "raw UNet weights: --ema converts their model_ema.* copies instead"
 
 
 def key_map(modules: dict[str, torch.nn.Module], layout: Layout) -> dict[str, tuple[str, str]]:
-    """``{"unet.<key>": (sgm key, op)}`` for every parameter/buffer of ``modules`` (keys ``unet``, ``vae``,
-    ``image_encoder``). Raises ``Hi3DError`` naming any target key that no rule covers."""
-    rules = {"unet": _unet_rules(layout), "vae": _vae_rules(layout), "image_encoder": _clip_rules()}
+    """``{"unet.<key>": (sgm key, op)}`` for every parameter/buffer of ``modules`` (keys of ``PREFIXES``: ``unet``,
+    ``vae``, ``image_encoder``, ``aesthetic_clip``, ``aesthetic_mlp``, ``depth``). Raises ``Hi3DError`` naming any
+    target key that no rule covers."""
     out, unmatched = {}, []
     for name, module in modules.items():
+        rules = RULES[name](layout)
         for key in module.state_dict():
             if key.endswith("position_ids"):  # transformers buffer, not a weight
                 continue
-            for pattern, fn in rules[name]:
+            for pattern, fn in rules:
                 m = re.fullmatch(pattern, key)
                 if m:
                     src = PREFIXES[name] + fn(*m.groups())
@@ -212,22 +264,38 @@ def ema_key(key: str) -> str:
 class ConversionReport:
     mapped: int
     leftover: list[str]
-    ignored: int
+    ignored: dict[str, str]  # checkpoint key -> why it was not converted
     filled: list[str]  # targets set to a default because the checkpoint has no such tensor (quant convs)
+
+
+def _check_vae_copy(sd: dict[str, torch.Tensor]) -> None:
+    """The conditioner's VAE copy is ignored as a duplicate of ``first_stage_model``: make sure it is one."""
+    for k, v in sd.items():
+        m = re.match(r"conditioner\.embedders\.\d+\.encoder\.(.*)", k)
+        ref = sd.get(VAE + m.group(1)) if m else None
+        if ref is not None and not v.is_meta and not ref.is_meta and not torch.equal(v, ref):
+            raise Hi3DError(f"{k} differs from {VAE + m.group(1)}: the condition VAE is not a copy of the first stage, "
+                            "which hi3d assumes (one VAE)")
 
 
 def convert_state_dict(sd: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module], use_ema: bool = False,
                        layout: Layout | None = None) -> ConversionReport:
-    """Load the sgm state dict ``sd`` into ``modules`` (in place, strict shapes). Returns what was mapped,
-    ignored and left over. The VAE's ``quant_conv`` comes from ``first_stage_model.quant_conv`` if present,
-    else from the concat-latent encoder copy in the conditioner, else identity (SVD's first stage has none)."""
+    """Load the sgm state dict ``sd`` into ``modules`` (in place, strict shapes; meta tensors allowed). Returns
+    what was mapped, ignored (with why) and left over. ``use_ema``: the UNet from ``model_ema.*`` (a one-line error
+    when the checkpoint has none; the raw UNet keys are then ignored). The VAE's ``quant_conv`` comes from
+    ``first_stage_model.quant_conv`` if present, else from the concat-latent encoder copy in the conditioner, else
+    identity (SVD's first stage has none)."""
     layout = layout or layout_of(modules["unet"], modules["vae"])
     kmap = key_map(modules, layout)
+    if use_ema and not any(k.startswith("model_ema.") for k in sd):
+        raise Hi3DError("--ema: the checkpoint holds no EMA weights (no 'model_ema.*' keys; the released Hi3D "
+                        "checkpoints have none) — convert without --ema")
+    _check_vae_copy(sd)
     used, missing, filled = set(), [], []
     targets: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
     for target, (src, op) in kmap.items():
         name, key = target.split(".", 1)
-        if use_ema and src.startswith(UNET) and ema_key(src) in sd:
+        if use_ema and src.startswith(UNET):
             src = ema_key(src)
         if src not in sd and key.split(".")[0] in ("quant_conv", "post_quant_conv"):
             alt = [k for k in sd if re.fullmatch(rf"conditioner\.embedders\.\d+\.encoder\.{re.escape(key)}", k)]
@@ -243,41 +311,46 @@ def convert_state_dict(sd: dict[str, torch.Tensor], modules: dict[str, torch.nn.
             missing.append(f"{target} <- {src}")
             continue
         used.add(src)
-        targets[name][key] = OPS[op][0](sd[src])
+        targets[name][key] = OPS[op](sd[src])
     if missing:
         raise Hi3DError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:4]} — is it a "
-                        "stage-1 (SVD-based) generative-models checkpoint matching the configs?")
+                        "generative-models checkpoint of this stage, matching the configs?")
     for name, module in modules.items():
         try:
             module.load_state_dict(targets[name], strict=False, assign=True)
         except RuntimeError as e:
             raise Hi3DError(f"checkpoint does not fit the {name} config: {str(e).splitlines()[1:3]}") from None
-    ignored = [k for k in sd if k not in used and any(re.match(p, k) for p in IGNORED)]
-    leftover = sorted(k for k in sd if k not in used and k not in set(ignored))
-    return ConversionReport(len(used), leftover, len(ignored), filled)
-
-
-def to_sgm(modules: dict[str, torch.nn.Module], layout: Layout | None = None) -> dict[str, torch.Tensor]:
-    """Inverse of ``convert_state_dict`` (for tests and round trips): our modules -> sgm state dict."""
-    layout = layout or layout_of(modules["unet"], modules["vae"])
-    sd: dict[str, torch.Tensor] = {}
-    qkv: dict[str, dict[str, torch.Tensor]] = {}
-    states = {name: m.state_dict() for name, m in modules.items()}
-    for target, (src, op) in key_map(modules, layout).items():
-        name, key = target.split(".", 1)
-        t = states[name][key].detach().clone()
-        if op in ("q", "k", "v"):
-            qkv.setdefault(src, {})[op] = t
+    ignored, leftover = {}, []
+    for k in sd:
+        if k in used:
+            continue
+        why = next((w for p, w in IGNORED if re.match(p, k)), None)
+        if why is None and k.startswith("model_ema."):
+            why = EMA_UNUSED if not use_ema else "EMA bookkeeping (decay, num_updates)"
+        if why is None and use_ema and k.startswith(UNET):
+            why = RAW_REPLACED
+        if why is None:
+            leftover.append(k)
         else:
-            sd[src] = OPS[op][1](t)
-    for src, parts in qkv.items():
-        sd[src] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    return sd
+            ignored[k] = why
+    return ConversionReport(len(used), sorted(leftover), ignored, filled)
+
+
+def unwrap_state_dict(raw) -> dict[str, torch.Tensor]:
+    """A loaded checkpoint -> flat ``{key: tensor}``: DeepSpeed model states (``{'module': {'module.<key>': ...},
+    ...bookkeeping}``, the release's container), Lightning (``state_dict``) or a plain state dict."""
+    for k in ("state_dict", "module"):
+        if isinstance(raw, dict) and k in raw and isinstance(raw[k], dict):
+            raw = raw[k]
+    if not isinstance(raw, dict):
+        raise Hi3DError(f"checkpoint holds a {type(raw).__name__}, not a state dict")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in raw.items()
+            if isinstance(v, torch.Tensor)}
 
 
 def read_checkpoint(path: str | Path, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
     """``.safetensors``, Lightning ``.ckpt`` (``state_dict``) or DeepSpeed ``.pt`` (``module``, ``module.``
-    prefixes, as Hi3D's release) -> flat state dict."""
+    prefixes, as Hi3D's release) -> flat state dict (stored dtype kept: float16 for the release)."""
     path = Path(path)
     if not path.is_file():
         raise Hi3DError(f"checkpoint not found: {path}")
@@ -290,29 +363,36 @@ def read_checkpoint(path: str | Path, unsafe_pickle: bool = False) -> dict[str, 
     except Exception as e:  # pickle with non-tensor objects
         raise Hi3DError(f"cannot read {path} with weights_only=True ({str(e).splitlines()[0][:120]}); if you trust "
                         "the file, re-run with --unsafe-pickle") from None
-    for k in ("state_dict", "module"):
-        if isinstance(raw, dict) and k in raw and isinstance(raw[k], dict):
-            raw = raw[k]
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in raw.items()
-            if isinstance(v, torch.Tensor)}
+    return unwrap_state_dict(raw)
+
+def read_config(path: Path) -> dict:
+    """A JSON config without its ``_comment``-style keys."""
+    return {k: v for k, v in json.loads(Path(path).read_text()).items() if not k.startswith("_")}
 
 
-def build_modules(config_dir: str | Path, vae_kind: str, meta: bool = True) -> dict[str, torch.nn.Module]:
+def build_modules(config_dir: str | Path, vae_kind: str, meta: bool = True,
+                  aesthetic: bool = False) -> dict[str, torch.nn.Module]:
     """Empty (meta-device) UNet, VAE and CLIP from ``unet.json``, ``vae.json`` (or ``vae_image_decoder.json``
-    when ``vae_kind == "image"``) and ``image_encoder.json`` in ``config_dir``."""
+    when ``vae_kind == "image"``) and ``image_encoder.json`` in ``config_dir``; with ``aesthetic`` also the
+    aesthetic scorer's CLIP (``aesthetic_clip.json``) and MLP."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+    from hi3d.models.aesthetic import AestheticMLP
+
     d = Path(config_dir)
-    read = lambda n: {k: v for k, v in json.loads((d / n).read_text()).items() if not k.startswith("_")}
     ctx = init_empty_weights() if meta else torch.device("cpu")
     with ctx:
-        unet = UNetSpatioTemporalConditionModel.from_config(read("unet.json"))
-        vae = (AutoencoderKL.from_config(read("vae_image_decoder.json")) if vae_kind == "image"
-               else AutoencoderKLTemporalDecoder.from_config(read("vae.json")))
-        clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**read("image_encoder.json")))
-    return {"unet": unet, "vae": vae, "image_encoder": clip}
+        unet = UNetSpatioTemporalConditionModel.from_config(read_config(d / "unet.json"))
+        vae = (AutoencoderKL.from_config(read_config(d / "vae_image_decoder.json")) if vae_kind == "image"
+               else AutoencoderKLTemporalDecoder.from_config(read_config(d / "vae.json")))
+        out = {"unet": unet, "vae": vae,
+               "image_encoder": CLIPVisionModelWithProjection(CLIPVisionConfig(**read_config(d / "image_encoder.json")))}
+        if aesthetic:
+            aes = CLIPVisionConfig(**read_config(d / "aesthetic_clip.json"))
+            out.update(aesthetic_clip=CLIPVisionModelWithProjection(aes), aesthetic_mlp=AestheticMLP(aes.projection_dim))
+    return out
 
 
 def vae_kind_of(sd: dict[str, torch.Tensor]) -> str:
@@ -324,35 +404,69 @@ def default_config_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "configs" / "stage1"
 
 
+def check_sgm(sd: dict[str, torch.Tensor], checkpoint) -> None:
+    if not any(k.startswith(UNET) for k in sd):
+        raise Hi3DError(f"{checkpoint}: no '{UNET}*' keys — not a generative-models (sgm) diffusion checkpoint")
+
+
+def check_leftover(report: ConversionReport, allow_leftover: bool, where: str) -> None:
+    if report.leftover and not allow_leftover:
+        raise Hi3DError(f"{len(report.leftover)} checkpoint tensors were not converted, e.g. {report.leftover[:5]}; "
+                        f"check the configs in {where} or pass --allow-leftover")
+
+
+def convert_stage1_modules(sd: dict[str, torch.Tensor], config_dir: str | Path | None = None, use_ema: bool = False,
+                           allow_leftover: bool = False, checkpoint="checkpoint"):
+    """Stage-1 sgm state dict -> (modules, report): UNet, VAE, image encoder and, when the checkpoint carries
+    the release's aesthetic embedder (``AES_CLIP``), its CLIP and MLP. Meta tensors give meta modules."""
+    config_dir = Path(config_dir or default_config_dir())
+    check_sgm(sd, checkpoint)
+    modules = build_modules(config_dir, vae_kind_of(sd), aesthetic=any(k.startswith(AES_CLIP) for k in sd))
+    report = convert_state_dict(sd, modules, use_ema=use_ema)
+    check_leftover(report, allow_leftover, str(config_dir))
+    return modules, report
+
+
 def convert_stage1(checkpoint: str | Path, out: str | Path, config_dir: str | Path | None = None,
                    use_ema: bool = False, unsafe_pickle: bool = False, allow_leftover: bool = False,
-                   sd: dict[str, torch.Tensor] | None = None, modules: dict[str, torch.nn.Module] | None = None,
-                   aesthetic_score: float = 5.0):
+                   sd: dict[str, torch.Tensor] | None = None, aesthetic_score: float = 5.0):
     """Official Hi3D stage-1 checkpoint -> ``OrbitPipeline`` folder ``out`` (unet/ vae/ image_encoder/
-    feature_extractor/ hi3d_pipeline.json). ``sd``/``modules`` may be given directly (tests)."""
+    feature_extractor/ [aesthetic/] hi3d_pipeline.json). ``sd`` may be given directly (tests)."""
     from transformers import CLIPImageProcessor
 
+    from hi3d.io import atomic_folder
+    from hi3d.models.aesthetic import AestheticScorer
     from hi3d.models.stage1 import Stage1Config
     from hi3d.pipelines.orbit import OrbitPipeline
 
     config_dir = Path(config_dir or default_config_dir())
     sd = read_checkpoint(checkpoint, unsafe_pickle) if sd is None else sd
-    if not any(k.startswith(UNET) for k in sd):
-        raise Hi3DError(f"{checkpoint}: no '{UNET}*' keys — not a generative-models (sgm) diffusion checkpoint")
-    modules = modules or build_modules(config_dir, vae_kind_of(sd))
-    report = convert_state_dict(sd, modules, use_ema=use_ema)
-    if report.leftover and not allow_leftover:
-        raise Hi3DError(f"{len(report.leftover)} checkpoint tensors were not converted, e.g. {report.leftover[:5]}; "
-                        "check the configs in " + str(config_dir) + " or pass --allow-leftover")
-    fe_cfg = {k: v for k, v in json.loads((config_dir / "feature_extractor.json").read_text()).items()
-              if not k.startswith("_")} if (config_dir / "feature_extractor.json").is_file() else {}
+    modules, report = convert_stage1_modules(sd, config_dir, use_ema, allow_leftover, checkpoint)
+    fe_path = config_dir / "feature_extractor.json"
+    fe_cfg = read_config(fe_path) if fe_path.is_file() else {}
     unet = modules["unet"]
     # the release's first slot is an aesthetic score (LAION predictor on the input); a fixed score stands in
     cfg = Stage1Config(num_frames=unet.config.num_frames, resolution=8 * (unet.config.sample_size or 64),
                        slots=["aesthetic", "elevation", "noise_aug"], constant_value=aesthetic_score)
     OrbitPipeline(unet, modules["vae"], modules["image_encoder"].eval(), CLIPImageProcessor(**fe_cfg),
                   cfg).save_pretrained(out)
+    if "aesthetic_clip" in modules:
+        with atomic_folder(Path(out) / "aesthetic") as tmp:
+            AestheticScorer(modules["aesthetic_clip"], modules["aesthetic_mlp"]).save_pretrained(tmp)
     return report
+
+
+def print_report(report: ConversionReport, out) -> None:
+    print(f"converted {report.mapped} tensors ({len(report.ignored)} known-unneeded ignored, {len(report.leftover)} "
+          f"left over, defaults for {report.filled or 'none'}) -> {out}")
+
+
+def report_entry(report: ConversionReport) -> dict:
+    """run.json summary: counts per ignore reason, not every key."""
+    reasons: dict[str, int] = {}
+    for why in report.ignored.values():
+        reasons[why] = reasons.get(why, 0) + 1
+    return {"mapped": report.mapped, "ignored": reasons, "leftover": report.leftover, "filled": report.filled}
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -365,7 +479,8 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder (diffusers format, loadable by OrbitPipeline)")
     ap.add_argument("--config-dir", default=None, help="folder with unet.json, vae*.json, image_encoder.json "
                     "(default configs/stage1)")
-    ap.add_argument("--ema", action="store_true", help="convert the EMA weights of the UNet when present")
+    ap.add_argument("--ema", action="store_true", help="convert the UNet's EMA weights (model_ema.*; an error when "
+                    "the checkpoint has none, as the released ones)")
     ap.add_argument("--unsafe-pickle", action="store_true", help="allow full pickle loading (trusted files only)")
     ap.add_argument("--allow-leftover", action="store_true", help="do not fail on unconverted tensors")
     ap.add_argument("--aesthetic-score", type=float, default=5.0, help="value of the release's aesthetic slot "
@@ -376,9 +491,8 @@ def cli(argv: list[str] | None = None) -> int:
     with rec.stage("convert") as entry:
         report = convert_stage1(args.checkpoint, out, args.config_dir, args.ema, args.unsafe_pickle,
                                 args.allow_leftover, aesthetic_score=args.aesthetic_score)
-        entry.update(mapped=report.mapped, ignored=report.ignored, leftover=report.leftover, filled=report.filled)
+        entry.update(report_entry(report))
     rec.add_weights(out)  # run.json is rewritten after save_pretrained swapped the folder in
     rec.finish()
-    print(f"converted {report.mapped} tensors ({report.ignored} known-unneeded ignored, {len(report.leftover)} "
-          f"left over, defaults for {report.filled or 'none'}) -> {out}")
+    print_report(report, out)
     return 0
