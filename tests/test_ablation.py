@@ -21,15 +21,15 @@ def shrinking_error_reconstructor(calls):
     """Test double for the reconstructor: the source mesh (via the orbit's recorded normalisation) shifted
     by 0.1 / (1 + M / 8) and exported in source coordinates, as 'hi3d reconstruct' exports; fails for M = 99."""
 
-    def fn(views_dir, out_dir, m, overrides):
-        calls.append((Path(views_dir).parent.name, m, tuple(overrides)))
+    def fn(views_dir, out_dir, m, overrides, seed=0):
+        calls.append((Path(out_dir).parents[2].name, m, tuple(overrides), seed))
         if m == 99:
             raise RuntimeError("reconstruction diverged")
         orbit = load_orbit(views_dir, load_depth=False)
         scene, norm = load_mesh(orbit.meta["mesh"])
         assert np.allclose(norm, orbit.normalization.numpy())
         mesh = as_trimesh(scene)
-        mesh.apply_translation([0.1 / (1 + m / 8), 0, 0])
+        mesh.apply_translation([0.1 / (1 + m / 8) + 0.01 * seed, 0, 0])
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         to_file_coords(mesh, norm).export(Path(out_dir) / "mesh.ply")
         return Path(out_dir) / "mesh.ply"
@@ -44,60 +44,94 @@ def test_ablation_table_plot_resume_and_failures(tmp_path):
     calls = []
     res = ablation.run_ablation(cfg, shrinking_error_reconstructor(calls))
     assert [(f["object"], f["m"]) for f in res["failed"]] == [("Wuson", 99), ("spider", 99)]
-    assert calls[0] == ("Wuson", 0, ("a=1",))
-    means = {r["m"]: r for r in res["mean_by_m"]}
-    assert sorted(means) == [0, 8, 32] and all(r["objects"] == 2 for r in means.values())
+    assert calls[0] == ("Wuson", 0, ("a=1",), 0)
+    means = {r["m"]: r for r in res["summary"]}
+    assert sorted(means) == [0, 8, 32] and all(r["objects"] == 2 and r["seeds"] == 1 for r in means.values())
     assert means[0]["chamfer"] > means[8]["chamfer"] > means[32]["chamfer"]
     assert means[0]["iou"] < means[8]["iou"] < means[32]["iou"]
+    assert means[0]["chamfer_std"] is None and means[0]["views_psnr"] is None  # one seed; GT views
     csv = (tmp_path / "ablation.csv").read_text().splitlines()
-    assert csv[0] == "object,m,chamfer,iou,f_score" and "mean,32," in csv[-3] and csv[-1].startswith("spider,99,failed")
-    assert "| **mean (2)** | 0 |" in (tmp_path / "ablation.md").read_text()
+    assert csv[0].startswith("source,object,stage2,m,seed,chamfer,iou,f_score,interp_psnr")
+    assert csv[-1].startswith("failed,spider,,99,0") and any(c.startswith("ours-mean,mean,,32,n=1") for c in csv)
+    assert "published-table4,GSO,full,16,,0.0172,0.6631" in "\n".join(csv)
+    md = (tmp_path / "ablation.md").read_text()
+    assert "| GT views | 0 | 2 | 1 |" in md and "| 16 | 0.0172 | 0.6631 |" in md and "not measured here" in md
+    assert "| no_depth | 23.12 | 0.848 | 0.128 |" in md
     png = tmp_path / "ablation.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
-    assert (tmp_path / "Wuson" / "M99" / "error.txt").is_file()
-    # re-run: finished pairs are skipped, only the failed ones retried, same numbers
+    assert (tmp_path / "Wuson" / "gt" / "s0" / "M99" / "error.txt").is_file()
+    # re-run: finished cells are skipped, only the failed ones retried, same numbers
     calls.clear()
     again = ablation.run_ablation(cfg, shrinking_error_reconstructor(calls))
     assert sorted(c[1] for c in calls) == [99, 99]
-    assert again["mean_by_m"] == res["mean_by_m"]
-    assert json.loads((tmp_path / "ablation.json").read_text())["mean_by_m"] == res["mean_by_m"]
+    assert again["summary"] == res["summary"]
+    assert json.loads((tmp_path / "ablation.json").read_text())["summary"] == res["summary"]
+    # a changed reconstruction setting redoes the finished cells
+    calls.clear()
+    cfg.reconstruct_overrides = ["a=2"]
+    ablation.run_ablation(cfg, shrinking_error_reconstructor(calls))
+    assert len(calls) == 8
 
 
-def test_ablation_config_errors_and_hooks(tmp_path):
+def test_seeds_give_mean_and_spread_per_cell(tmp_path):
+    import statistics
+
+    wuson = str(real_object("wuson"))
+    cfg = load_config(ablation.AblationConfig, None, [f"objects=[{wuson}]", f"out={tmp_path}", "m_values=[0,16]",
+                                                      "seeds=[0,1,2]"] + SMALL)
+    calls = []
+    res = ablation.run_ablation(cfg, shrinking_error_reconstructor(calls))
+    assert sorted(c[3] for c in calls) == [0, 0, 1, 1, 2, 2] and not res["failed"]
+    for m in (0, 16):
+        rows = [r for r in res["rows"] if r["m"] == m]
+        s = next(s for s in res["summary"] if s["m"] == m)
+        assert s["seeds"] == 3 and s["chamfer"] == pytest.approx(statistics.mean(r["chamfer"] for r in rows))
+        assert s["chamfer_std"] == pytest.approx(statistics.stdev(r["chamfer"] for r in rows))
+        assert s["chamfer_std"] > 0.001  # the double shifts each seed by 0.01
+    assert "± " in (tmp_path / "ablation.md").read_text()
+
+
+def test_ablation_config_errors(tmp_path):
     wuson = str(real_object("wuson"))
     base = [f"objects=[{wuson}]", f"out={tmp_path}"] + SMALL
+    run = lambda *o: ablation.run_ablation(load_config(ablation.AblationConfig, None, base + list(o)))  # noqa: E731
     with pytest.raises(Hi3DError, match="stage2"):
-        ablation.run_ablation(load_config(ablation.AblationConfig, None, base + ["stage2=upscale"]))
+        run("stage2=[upscale]")
     with pytest.raises(Hi3DError, match="neither a mesh file"):
         ablation.run_ablation(load_config(ablation.AblationConfig, None, [f"out={tmp_path}", "objects=[nothing]"]))
     with pytest.raises(Hi3DError, match="reconstructor 'nope' unknown"):
-        ablation.run_ablation(load_config(ablation.AblationConfig, None, base + ["reconstructor=nope"]))
-    # views = generated without a generator: reported per object, not a crash
-    res = ablation.run_ablation(load_config(ablation.AblationConfig, None, base + ["views=generated"]),
-                                shrinking_error_reconstructor([]))
-    assert res["rows"] == [] and "generator" in res["failed"][0]["error"]
-    # a generator hook gets the input view, the elevation and the stage-2 switch
-    seen = {}
+        run("reconstructor=nope")
+    with pytest.raises(Hi3DError, match="views=generated needs generator="):
+        run("views=generated")
+    with pytest.raises(Hi3DError, match="generator=perturbed has no stage 2"):
+        run("views=generated", "generator=perturbed", "stage2=[none]")
+    with pytest.raises(Hi3DError, match="perturb.shape"):
+        run("views=generated", "generator=perturbed", "perturb.shape=-1")
+    with pytest.raises(Hi3DError, match="seeds"):
+        run("seeds=[1,1]")
+    assert not (tmp_path / "ablation.json").exists()  # all of these fail before anything runs
 
-    def generator(input_rgba, elevation, out_dir, stage2, seed, **options):
-        seen.update(shape=tuple(input_rgba.shape), elevation=elevation, stage2=stage2, options=options)
-        gt = load_orbit(Path(out_dir).parent / "gt", load_depth=False)
-        from hi3d.data.orbit import save_orbit
 
-        save_orbit(ablation.upscale_views(gt, 64), out_dir)
-        return out_dir
-
-    ablation.GENERATORS["test"] = generator
-    try:
-        cfg = load_config(ablation.AblationConfig, None, base + ["views=generated", "generator=test", "stage2=bicubic",
-                                                                 "m_values=[16]", f"out={tmp_path / 'g'}",
-                                                                 "generator_options={steps: 2}"])
-        res = ablation.run_ablation(cfg, shrinking_error_reconstructor([]))
-    finally:
-        del ablation.GENERATORS["test"]
-    assert seen == {"shape": (48, 48, 4), "elevation": 30.0, "stage2": "bicubic", "options": {"steps": 2}}
-    assert res["rows"][0]["stage2"] == "bicubic" and res["rows"][0]["iou"] > 0.5
-    assert (tmp_path / "g" / "ablation.md").read_text().startswith("views: generated, stage 2: bicubic, reconstructor: fn")
+def test_perturbed_generated_views_are_scored_against_the_ground_truth(tmp_path):
+    wuson = str(real_object("wuson"))
+    cfg = load_config(ablation.AblationConfig, None, [f"objects=[{wuson}]", f"out={tmp_path}", "m_values=[0]",
+                                                      "views=generated", "generator=perturbed", "seeds=[0,1]"] + SMALL)
+    calls = []
+    res = ablation.run_ablation(cfg, shrinking_error_reconstructor(calls))
+    assert not res["failed"] and [r["stage2"] for r in res["rows"]] == ["full", "full"]
+    views = tmp_path / "Wuson" / "perturbed-full" / "s1" / "views"
+    assert json.loads((views / "perturbation.json").read_text())["seed"] == 1
+    r = res["rows"][0]
+    assert 15 < r["views_psnr"] < 60 and 0.5 < r["views_ssim"] < 1 and r["interp_psnr"] is None
+    # views are made once per (object, seed) and made again when the perturbation changes
+    stamp = (views / "cameras.json").stat().st_mtime_ns
+    cfg.m_values = [0, 4]
+    ablation.run_ablation(cfg, shrinking_error_reconstructor(calls))
+    assert (views / "cameras.json").stat().st_mtime_ns == stamp
+    cfg.perturb.strength = 0.5
+    again = ablation.run_ablation(cfg, shrinking_error_reconstructor(calls))
+    assert (views / "cameras.json").stat().st_mtime_ns != stamp
+    assert again["rows"][0]["views_psnr"] > r["views_psnr"] + 1  # the cells are redone: weaker perturbation
 
 
 def test_upscale_views_bicubic():

@@ -1,24 +1,30 @@
-"""Ablations of the reconstruction pipeline (paper Table 4) and of stage 2 (appendix): objects x M values.
+"""Ablations of the reconstruction pipeline (paper Table 4) and of stage 2 (Table 3): objects x M x stage-2 mode x seed.
 
 For each object: render its ground-truth orbit; with ``views = "gt"`` reconstruct from it directly
-(isolates 3DGS interpolation + NeuS), with ``views = "generated"`` first run the generation hook on the
-input view (view 0) with the stage-2 switch (``full``, ``none``, ``no_depth``, ``bicubic``,
-``realesrgan``); then for every M reconstruct with M interpolated views and score the mesh against the
-source mesh (Chamfer, volume IoU, F-score). Output folder::
+(isolates 3DGS interpolation + NeuS), with ``views = "generated"`` first make views with ``generator``:
+``perturbed`` (``hi3d.eval.perturbed``: the GT orbit with controlled multi-view inconsistency, a CPU
+stand-in; config section ``perturb``) or ``hi3d`` (stage 1 -> stage 2 from ``weights``, with each stage-2
+mode of ``stage2``: ``full``, ``none``, ``no_depth``, ``bicubic``, ``realesrgan``). Then for every M and
+seed reconstruct with M interpolated views and score the mesh against the source mesh (Chamfer, volume
+IoU, F-score), the interpolated views against ground-truth renders at their cameras (``interp_psnr``) and
+the views it started from against the ground truth (``views_psnr`` / ``views_ssim``, views 1..N-1).
 
-    <object>/gt/                 ground-truth orbit
-    <object>/generated/          generated views (views = generated)
-    <object>/M<m>/               the reconstruction's own output (mesh.*, run.json, ...)
-    <object>/M<m>/metrics.json   scores; finished (object, M) pairs are skipped on re-runs
-    ablation.csv / .json / .md   one row per (object, M) and the mean per M
-    ablation.png                 Chamfer and IoU against M
+The unit of work is a ``Cell`` (object, M, stage-2 mode, seed): ``ablation_cells`` lists them and
+``run_cell`` does one; cells depend on each other only through the views they share (made once, on first use).
+Output folder::
+
+    <object>/orbit/                                   ground-truth orbit
+    <object>/<variant>/s<seed>/views/                 generated views (variant = <generator>-<stage2>)
+    <object>/<variant>/s<seed>/M<m>/                  the reconstruction (variant = gt for GT views)
+    <object>/<variant>/s<seed>/M<m>/metrics.json      scores; finished cells are skipped on re-runs
+    ablation.csv / .json / .md                        one row per cell, mean (± spread over seeds) per
+                                                      (stage 2, M), and the paper's Table 3/4 rows, marked
+    ablation.png                                      Chamfer, IoU (and interpolated-view PSNR) against M
     run.json
 
-Hooks: a *reconstructor* ``fn(views_dir, out_dir, num_interp, overrides) -> mesh path`` (default: the
+The reconstructor hook ``fn(views_dir, out_dir, num_interp, overrides, seed) -> mesh path`` (default: the
 ``hi3d reconstruct`` command in a child process, whose mesh is exported in the views' source-file
-coordinates), and a
-*generator* ``fn(input_rgba, elevation, out_dir, stage2=..., seed=..., **options) -> views dir`` for the
-image->3D pipeline; both registered by name or given as ``"package.module:function"``.
+coordinates) is registered by name or given as ``"package.module:function"``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import math
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +48,7 @@ from hi3d.data.orbit import Orbit, load_orbit, save_orbit
 from hi3d.errors import Hi3DError
 from hi3d.eval import metrics
 from hi3d.eval.gso import find_mesh, gso_mesh_path
+from hi3d.eval.perturbed import PerturbConfig
 from hi3d.io import read_json, write_bytes, write_json
 from hi3d.recon.hull import carve
 
@@ -48,6 +56,11 @@ log = logging.getLogger(__name__)
 
 STAGE2_MODES = ("full", "none", "no_depth", "bicubic", "realesrgan")
 SCORES = ("chamfer", "iou", "f_score")
+VIEW_SCORES = ("interp_psnr", "views_psnr", "views_ssim")
+
+# Published numbers (paper, GSO 30 objects), printed beside ours and marked as such; not measured here.
+PAPER_TABLE4 = {0: (0.0186, 0.6375), 16: (0.0172, 0.6631), 32: (0.0174, 0.6598), 48: (0.0175, 0.6607)}  # Chamfer, IoU
+PAPER_TABLE3 = {"full": (24.26, 0.864, 0.119), "none": (22.09, 0.842, 0.136), "no_depth": (23.12, 0.848, 0.128)}
 
 
 @dataclasses.dataclass
@@ -57,6 +70,7 @@ class AblationConfig:
     objects: list[str] = dataclasses.field(default_factory=list)  # mesh files, or GSO names with gso_root
     gso_root: str = ""
     m_values: list[int] = dataclasses.field(default_factory=lambda: [0, 8, 16, 32, 48])
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])  # generator and reconstruction seed per cell
     views: str = "gt"  # gt | generated
     out: str = "outputs/ablate_m"
     # orbit of the ground truth (and of the generated views)
@@ -67,30 +81,31 @@ class AblationConfig:
     fov: float = cameras.DEFAULT_FOV_DEG
     # reconstruction
     reconstructor: str = "hi3d"  # a key of RECONSTRUCTORS or "package.module:function"
-    reconstruct_overrides: list[str] = dataclasses.field(default_factory=list)  # key=value for the reconstructor
+    reconstruct_overrides: list[str] = dataclasses.field(default_factory=list)  # arguments for the reconstructor
     # generation (views = generated)
-    generator: str = ""  # a key of GENERATORS or "package.module:function"
-    generator_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    stage2: str = "full"  # full | none | no_depth | bicubic | realesrgan
+    generator: str = ""  # perturbed | hi3d
+    stage2: list[str] = dataclasses.field(default_factory=lambda: ["full"])  # modes, each a column of cells
+    perturb: PerturbConfig = dataclasses.field(default_factory=PerturbConfig)  # generator = perturbed
     # scoring
     num_points: int = 100_000
     iou_resolution: int = 64
     fscore_threshold: float = 0.05
-    seed: int = 0
+    score_seed: int = 0  # surface sampling of the scores (the same for every cell)
 
 
 # ------------------------------------------------------------------------------------------- hooks
 
-def reconstruct_with_hi3d(views_dir: Path, out_dir: Path, num_interp: int, overrides: list[str]) -> Path:
-    """``hi3d reconstruct VIEWS --out OUT --num-interp M [key=value ...]`` in a child process (a crash of one
-    run, e.g. in native code, is then one failed row; log in ``OUT/reconstruct.log``); its mesh file."""
+def reconstruct_with_hi3d(views_dir: Path, out_dir: Path, num_interp: int, overrides: list[str], seed: int = 0) -> Path:
+    """``hi3d reconstruct VIEWS --out OUT --num-interp M [key=value ...] gaussians.seed=S neus.seed=S`` in a child
+    process (a crash of one run, e.g. in native code, is then one failed row; log in ``OUT/reconstruct.log``);
+    its mesh file."""
     import subprocess
     import sys
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "hi3d.cli", "reconstruct", str(views_dir), "--out", str(out_dir),
-           "--num-interp", str(num_interp), *overrides]
+           "--num-interp", str(num_interp), *overrides, f"gaussians.seed={seed}", f"neus.seed={seed}"]
     with open(out_dir / "reconstruct.log", "ab") as logf:
         code = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT).returncode
     mesh = find_mesh(out_dir)
@@ -109,11 +124,12 @@ def carve_visual_hull(orbit: Orbit, resolution: int = 128, bound: float = 0.55) 
     return inside.reshape(resolution, resolution, resolution).float()
 
 
-def reconstruct_visual_hull(views_dir: Path, out_dir: Path, num_interp: int, overrides: list[str]) -> Path:
+def reconstruct_visual_hull(views_dir: Path, out_dir: Path, num_interp: int, overrides: list[str], seed: int = 0) -> Path:
     """A fast stand-in reconstructor (minutes -> seconds): the visual hull of the 16 views' silhouettes plus
     M views at ``cameras.interpolated_views``, *rendered from the orbit's source mesh* (an oracle interpolator,
     so views must be GT renders). Isolates what extra views give a silhouette-based reconstruction; it is
-    not the paper's 3DGS + NeuS pipeline. ``overrides``: ``resolution=<grid>``. Mesh in source coordinates."""
+    not the paper's 3DGS + NeuS pipeline. ``overrides``: ``resolution=<grid>``; deterministic (``seed`` unused).
+    Mesh in source coordinates."""
     import mcubes
 
     from hi3d.data.mesh_io import to_file_coords
@@ -151,8 +167,6 @@ def reconstruct_visual_hull(views_dir: Path, out_dir: Path, num_interp: int, ove
 
 
 RECONSTRUCTORS: dict[str, Callable[..., Path]] = {"hi3d": reconstruct_with_hi3d, "visual-hull": reconstruct_visual_hull}
-# the image->3D pipeline (issue 9) registers its views generator here, e.g. GENERATORS["hi3d"] = fn
-GENERATORS: dict[str, Callable[..., Path]] = {}
 
 
 def resolve_hook(spec: str, registry: dict[str, Callable], what: str) -> Callable:
@@ -160,13 +174,39 @@ def resolve_hook(spec: str, registry: dict[str, Callable], what: str) -> Callabl
     if spec in registry:
         return registry[spec]
     if ":" not in spec:
-        known = ", ".join(sorted(registry)) or "none registered yet"
-        raise Hi3DError(f"{what} '{spec}' unknown (registered: {known}); or give package.module:function")
+        raise Hi3DError(f"{what} '{spec}' unknown (registered: {', '.join(sorted(registry))}); "
+                        "or give package.module:function")
     module, _, attr = spec.partition(":")
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise Hi3DError(f"cannot load {what} '{spec}': {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- generators
+
+class PerturbedViews:
+    """``generator=perturbed``: ``hi3d.eval.perturbed`` on the GT orbit (config section ``perturb``). It has no
+    stage 2 (its ``perturb.degrade`` knob plays that part), so only ``stage2=[full]`` is accepted."""
+
+    def check(self, cfg: AblationConfig) -> None:
+        from hi3d.eval.perturbed import check_config
+
+        check_config(cfg.perturb)
+        if cfg.stage2 != ["full"]:
+            raise Hi3DError(f"generator=perturbed has no stage 2 (use perturb.degrade); stage2 must be [full], "
+                            f"got {cfg.stage2}")
+
+    def key(self, cfg: AblationConfig, stage2: str) -> dict:
+        return {"generator": "perturbed", "perturb": dataclasses.asdict(cfg.perturb)}
+
+    def __call__(self, cfg: AblationConfig, gt_dir: Path, out_dir: Path, stage2: str, seed: int) -> Path:
+        from hi3d.eval.perturbed import generate_perturbed
+
+        return generate_perturbed(gt_dir, out_dir, cfg.perturb, seed)
+
+
+GENERATORS: dict[str, Any] = {"perturbed": PerturbedViews()}
 
 
 def upscale_views(orbit: Orbit, size: int, mode: str = "bicubic") -> Orbit:
@@ -178,7 +218,53 @@ def upscale_views(orbit: Orbit, size: int, mode: str = "bicubic") -> Orbit:
                                K=torch.stack([cameras.scale_intrinsics(k, sx, sy) for k in orbit.K]))
 
 
-# ------------------------------------------------------------------------------------------- runner
+# ------------------------------------------------------------------------------------------- cells
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One unit of work: reconstruct ``object``'s views (GT, or made with stage-2 mode ``stage2``) with
+    ``m`` interpolated views, generator and reconstruction seeded with ``seed``."""
+
+    object: str
+    m: int
+    stage2: str | None  # None: GT views
+    seed: int
+
+    def variant(self, cfg: AblationConfig) -> str:
+        return "gt" if self.stage2 is None else f"{cfg.generator}-{self.stage2}"
+
+    def seed_dir(self, cfg: AblationConfig) -> Path:
+        return Path(cfg.out) / self.object / self.variant(cfg) / f"s{self.seed}"
+
+    def run_dir(self, cfg: AblationConfig) -> Path:
+        return self.seed_dir(cfg) / f"M{self.m}"
+
+
+def check_config(cfg: AblationConfig) -> None:
+    """Every start-up error at once, before anything runs."""
+    if cfg.views not in ("gt", "generated"):
+        raise Hi3DError(f"views '{cfg.views}' unknown (use gt or generated)")
+    unknown = [s for s in cfg.stage2 if s not in STAGE2_MODES]
+    if unknown or not cfg.stage2:
+        raise Hi3DError(f"stage2 {unknown or '[]'} unknown (use some of {', '.join(STAGE2_MODES)})")
+    if not cfg.objects:
+        raise Hi3DError("no objects given (objects=[a.obj,b.ply] or GSO names with gso_root=...)")
+    if any(m < 0 for m in cfg.m_values) or not cfg.m_values:
+        raise Hi3DError(f"m_values must be a non-empty list of M >= 0, got {cfg.m_values}")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise Hi3DError(f"seeds must be a non-empty list of distinct integers, got {cfg.seeds}")
+    if cfg.views == "generated":
+        if cfg.generator not in GENERATORS:
+            raise Hi3DError(f"views=generated needs generator=<{' | '.join(sorted(GENERATORS))}>, "
+                            f"got '{cfg.generator}'")
+        GENERATORS[cfg.generator].check(cfg)
+
+
+def ablation_cells(cfg: AblationConfig, objects: list[str]) -> list[Cell]:
+    """Every cell, object-major, then stage-2 mode, seed and M."""
+    modes = cfg.stage2 if cfg.views == "generated" else [None]
+    return [Cell(o, m, s2, seed) for o in objects for s2 in modes for seed in cfg.seeds for m in cfg.m_values]
+
 
 def object_source(entry: str, cfg: AblationConfig) -> tuple[str, Path]:
     """``(name, mesh path)`` of an object entry: a mesh file, or a GSO name under ``cfg.gso_root``."""
@@ -198,27 +284,32 @@ def ground_truth_orbit(mesh_path: Path, cfg: AblationConfig, out_dir: Path) -> P
 
     if not (out_dir / "cameras.json").is_file():
         rc = RenderConfig(num_views=cfg.num_views, elevation=cfg.elevation, resolution=cfg.resolution,
-                          radius=cfg.radius, fov=cfg.fov, seed=cfg.seed)
+                          radius=cfg.radius, fov=cfg.fov)
         save_orbit(render_orbit(mesh_path, rc), out_dir)
     return out_dir
 
 
-def views_for(name: str, mesh_path: Path, cfg: AblationConfig) -> Path:
-    """The views folder the reconstruction starts from (GT orbit or the generator's output)."""
-    obj_dir = Path(cfg.out) / name
-    gt_dir = ground_truth_orbit(mesh_path, cfg, obj_dir / "gt")
-    if cfg.views == "gt":
+def views_for(cell: Cell, mesh_path: Path, cfg: AblationConfig) -> Path:
+    """The views folder the cell's reconstruction starts from (GT orbit, or the generator's output, made once
+    and made again when the generator's settings changed)."""
+    gt_dir = ground_truth_orbit(mesh_path, cfg, Path(cfg.out) / cell.object / "orbit")
+    if cell.stage2 is None:
         return gt_dir
-    gen_dir = obj_dir / "generated"
-    if not (gen_dir / "cameras.json").is_file():
-        if not cfg.generator:
-            raise Hi3DError("views=generated needs generator=<name or package.module:function> (the image->3D "
-                            "pipeline's views hook)")
-        generate = resolve_hook(cfg.generator, GENERATORS, "generator")
-        gt = load_orbit(gt_dir, load_depth=False)
-        gen_dir = Path(generate(gt.rgba[0], cfg.elevation, gen_dir, stage2=cfg.stage2, seed=cfg.seed,
-                                **cfg.generator_options))
-    return gen_dir
+    generator = GENERATORS[cfg.generator]
+    views_dir, key = cell.seed_dir(cfg) / "views", {**generator.key(cfg, cell.stage2), "seed": cell.seed}
+    key_file = cell.seed_dir(cfg) / "views.key.json"
+    if not ((views_dir / "cameras.json").is_file() and key_file.is_file() and read_json(key_file) == key):
+        views_dir = Path(generator(cfg, gt_dir, views_dir, cell.stage2, cell.seed))
+        write_json(key_file, key)
+    return views_dir
+
+
+def cell_key(cell: Cell, cfg: AblationConfig) -> dict:
+    """What a cell's scores were made from: a finished cell is redone when it changes."""
+    views = GENERATORS[cfg.generator].key(cfg, cell.stage2) if cell.stage2 else "gt"
+    return {"views": views, "orbit": [cfg.num_views, cfg.elevation, cfg.resolution, cfg.radius, cfg.fov],
+            "reconstructor": cfg.reconstructor, "overrides": list(cfg.reconstruct_overrides),
+            "scoring": [cfg.num_points, cfg.iou_resolution, cfg.fscore_threshold, cfg.score_seed]}
 
 
 def score_reconstruction(mesh: Path, views_dir: Path, gt_mesh: Path, cfg: AblationConfig) -> dict[str, float]:
@@ -226,95 +317,187 @@ def score_reconstruction(mesh: Path, views_dir: Path, gt_mesh: Path, cfg: Ablati
     norm = np.asarray(read_json(Path(views_dir) / "cameras.json").get("normalization", np.eye(4).tolist()))
     pred = load_world_mesh(mesh, normalization=norm)
     gt = as_trimesh(load_mesh(gt_mesh)[0])
-    return metrics.mesh_metrics(pred, gt, "none", cfg.num_points, cfg.fscore_threshold, cfg.iou_resolution, cfg.seed)
+    return metrics.mesh_metrics(pred, gt, "none", cfg.num_points, cfg.fscore_threshold, cfg.iou_resolution,
+                                cfg.score_seed)
+
+
+def score_views(views_dir: Path, run_dir: Path, gt_dir: Path) -> dict[str, float | None]:
+    """``views_psnr`` / ``views_ssim``: the views (1..N-1, on white) against the GT orbit (None for GT views);
+    ``interp_psnr``: the reconstruction's interpolated views (``run_dir/interp``) against the source mesh
+    rendered at their cameras (None without them)."""
+    from hi3d.data.render import render_views
+
+    gt = load_orbit(gt_dir, load_depth=False)
+    out: dict[str, float | None] = dict.fromkeys(VIEW_SCORES)
+    if Path(views_dir).resolve() != Path(gt_dir).resolve():
+        views = load_orbit(views_dir, load_depth=False)
+        if views.rgba.shape[1:3] != gt.rgba.shape[1:3]:
+            views = upscale_views(views, gt.width)
+        a, b = views.rgb_on_white()[1:], gt.rgb_on_white()[1:]
+        out.update(views_psnr=float(metrics.psnr(a, b).mean()), views_ssim=float(metrics.ssim(a, b).mean()))
+    interp_dir = Path(run_dir) / "interp"
+    if (interp_dir / "cameras.json").is_file():
+        interp = load_orbit(interp_dir, load_depth=False)
+        ref = render_views(gt.meta["mesh"], interp.c2w, interp.K, interp.width, interp.height,
+                           shading=gt.meta.get("shading", "lambert"), ambient=gt.meta.get("ambient", 0.5),
+                           with_depth=False)
+        out["interp_psnr"] = float(metrics.psnr(interp.rgb_on_white(), ref.rgb_on_white()).mean())
+    return out
+
+
+def run_cell(cell: Cell, mesh_path: Path, cfg: AblationConfig, reconstruct: Callable[..., Path]) -> dict:
+    """Reconstruct and score one cell (or read its finished scores); writes ``<run dir>/metrics.json``."""
+    run_dir, key = cell.run_dir(cfg), cell_key(cell, cfg)
+    done = run_dir / "metrics.json"
+    if done.is_file():
+        row = read_json(done)
+        if row.get("key") == key:
+            return row
+    views_dir = views_for(cell, mesh_path, cfg)
+    mesh = reconstruct(views_dir, run_dir, cell.m, list(cfg.reconstruct_overrides), cell.seed)
+    row = {"object": cell.object, "m": cell.m, "seed": cell.seed, "views": cfg.views,
+           "generator": cfg.generator if cell.stage2 else None, "stage2": cell.stage2,
+           **score_reconstruction(Path(mesh), views_dir, mesh_path, cfg),
+           **score_views(views_dir, run_dir, Path(cfg.out) / cell.object / "orbit"), "key": key}
+    write_json(done, row)
+    return row
 
 
 def run_ablation(cfg: AblationConfig, reconstruct: Callable[..., Path] | None = None) -> dict[str, Any]:
-    """Every (object, M): reconstruct and score; resumable, failures listed, not fatal. Writes the tables and
-    the plot; returns ``{"rows", "mean_by_m", "failed"}``."""
+    """Every cell: reconstruct and score; resumable, failures listed, not fatal. Rewrites the tables and the
+    plot after every cell; returns ``{"rows", "summary", "failed", ...}``."""
     from hi3d.provenance import RunRecord
 
-    if cfg.views not in ("gt", "generated"):
-        raise Hi3DError(f"views '{cfg.views}' unknown (use gt or generated)")
-    if cfg.stage2 not in STAGE2_MODES:
-        raise Hi3DError(f"stage2 '{cfg.stage2}' unknown (use one of {STAGE2_MODES})")
-    if not cfg.objects:
-        raise Hi3DError("no objects given (objects=[a.obj,b.ply] or GSO names with gso_root=...)")
-    if any(m < 0 for m in cfg.m_values):
-        raise Hi3DError(f"m_values must be >= 0, got {cfg.m_values}")
-    sources = [object_source(o, cfg) for o in cfg.objects]
+    check_config(cfg)
+    sources = dict(object_source(o, cfg) for o in cfg.objects)
     custom = reconstruct
     reconstruct = reconstruct or resolve_hook(cfg.reconstructor, RECONSTRUCTORS, "reconstructor")
     out = Path(cfg.out)
-    rec = RunRecord(out, "ablate-m", config=cfg, seed=cfg.seed)
-    rows, failed = [], []
-    for name, mesh_path in sources:
-        try:
-            with rec.stage(f"{name}/views"):
-                views_dir = views_for(name, mesh_path, cfg)
-        except Exception as e:
-            log.warning("%s: views failed: %s", name, e)
-            failed.append({"object": name, "m": None, "error": f"{type(e).__name__}: {e}"})
+    rec = RunRecord(out, "ablate-m", config=cfg, seed=cfg.seeds[0])
+    rows, failed, bad_views = [], [], {}
+    info = {"views": cfg.views, "generator": cfg.generator if cfg.views == "generated" else None,
+            "stage2": cfg.stage2 if cfg.views == "generated" else "n/a (GT views)", "seeds": list(cfg.seeds),
+            "reconstructor": getattr(custom, "__name__", "custom") if custom else cfg.reconstructor,
+            "perturb": dataclasses.asdict(cfg.perturb) if cfg.generator == "perturbed" else None}
+    for cell in ablation_cells(cfg, list(sources)):
+        views_key = (cell.object, cell.stage2, cell.seed)
+        if views_key in bad_views:
             continue
-        for m in cfg.m_values:
-            run_dir = out / name / f"M{m}"
-            done = run_dir / "metrics.json"
-            if done.is_file():
-                rows.append(read_json(done))
-                continue
-            try:
-                with rec.stage(f"{name}/M{m}") as entry:
-                    mesh = reconstruct(views_dir, run_dir, m, list(cfg.reconstruct_overrides))
-                    row = {"object": name, "m": m, "views": cfg.views,
-                           "stage2": cfg.stage2 if cfg.views == "generated" else None,
-                           **score_reconstruction(Path(mesh), views_dir, mesh_path, cfg)}
-                    entry.update({k: row[k] for k in SCORES})
-                write_json(done, row)
-                rows.append(row)
-                log.info("%s M=%d: chamfer %.4f iou %.4f", name, m, row["chamfer"], row["iou"])
-            except Exception as e:  # one failing reconstruction must not stop the table
-                log.warning("%s M=%d failed: %s", name, m, e)
-                write_bytes(run_dir / "error.txt", traceback.format_exc().encode())
-                failed.append({"object": name, "m": m, "error": f"{type(e).__name__}: {e}"})
-    result = {"views": cfg.views, "stage2": cfg.stage2 if cfg.views == "generated" else "n/a (GT views)",
-              "reconstructor": getattr(custom, "__name__", "custom") if custom else cfg.reconstructor,
-              "rows": rows, "mean_by_m": mean_by_m(rows), "failed": failed}
+        try:
+            with rec.stage(f"{cell.object}/{cell.variant(cfg)}/s{cell.seed}/M{cell.m}") as entry:
+                row = run_cell(cell, sources[cell.object], cfg, reconstruct)
+                entry.update({k: row[k] for k in SCORES})
+            rows.append(row)
+            log.info("%s %s s%d M=%d: chamfer %.4f iou %.4f", cell.object, cell.variant(cfg), cell.seed, cell.m,
+                     row["chamfer"], row["iou"])
+        except Exception as e:  # one failing cell must not stop the table
+            log.warning("%s M=%d failed: %s", cell.object, cell.m, e)
+            cell.run_dir(cfg).mkdir(parents=True, exist_ok=True)
+            write_bytes(cell.run_dir(cfg) / "error.txt", traceback.format_exc().encode())
+            views_failed = not (cell.seed_dir(cfg) / "views" / "cameras.json").is_file() and cell.stage2 is not None
+            if views_failed:
+                bad_views[views_key] = True
+            failed.append({"object": cell.object, "m": None if views_failed else cell.m, "stage2": cell.stage2,
+                           "seed": cell.seed, "error": f"{type(e).__name__}: {e}"})
+        write_outputs(out, {**info, "rows": rows, "summary": summarise(rows), "failed": failed})
+    result = {**info, "rows": rows, "summary": summarise(rows), "failed": failed}
     write_outputs(out, result)
     rec.finish(failed=failed)
     return result
 
 
-def mean_by_m(rows: list[dict]) -> list[dict]:
+# ------------------------------------------------------------------------------------------- tables
+
+def _mean(values: list) -> float | None:
+    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(v)) if v else None
+
+
+def _std(values: list) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.std(v, ddof=1)) if len(v) > 1 else None
+
+
+def summarise(rows: list[dict], by_object: bool = False) -> list[dict]:
+    """Mean and spread per (stage 2, M) (and per object with ``by_object``). ``<score>``: the mean over the
+    group's rows; ``<score>_std``: the sample standard deviation over seeds of the per-seed mean over
+    objects (None with one seed) — the seed-to-seed noise of the row, to tell an M effect from."""
+    keys = sorted({(r["object"] if by_object else "", r.get("stage2") or "", r["m"]) for r in rows})
     out = []
-    for m in sorted({r["m"] for r in rows}):
-        sel = [r for r in rows if r["m"] == m]
-        out.append({"m": m, "objects": len(sel), **{k: float(np.mean([r[k] for r in sel])) for k in SCORES}})
+    for obj, s2, m in keys:
+        sel = [r for r in rows if (r.get("stage2") or "") == s2 and r["m"] == m and (not by_object or r["object"] == obj)]
+        seeds = sorted({r.get("seed", 0) for r in sel})
+        entry = {"object": obj or None, "stage2": s2 or None, "m": m, "objects": len({r["object"] for r in sel}),
+                 "seeds": len(seeds)}
+        for k in SCORES + VIEW_SCORES:
+            entry[k] = _mean([r.get(k) for r in sel])
+            entry[f"{k}_std"] = _std([_mean([r.get(k) for r in sel if r.get("seed", 0) == s]) for s in seeds])
+        out.append(entry)
     return out
+
+
+def _fmt(v, digits: int = 4) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def _pm(entry: dict, key: str, digits: int = 4) -> str:
+    s = _fmt(entry.get(key), digits)
+    return f"{s} ± {_fmt(entry[key + '_std'], digits)}" if s and entry.get(key + "_std") is not None else s
 
 
 def write_outputs(out: Path, result: dict) -> None:
     """``ablation.json``, ``ablation.csv``, ``ablation.md`` and ``ablation.png`` (atomically)."""
-    rows, means = result["rows"], result["mean_by_m"]
-    write_json(out / "ablation.json", result)
-    lines = ["object,m," + ",".join(SCORES)]
-    lines += [f"{r['object']},{r['m']}," + ",".join(f"{r[k]:.6f}" for k in SCORES) for r in rows]
-    lines += [f"mean,{r['m']}," + ",".join(f"{r[k]:.6f}" for k in SCORES) for r in means]
-    lines += [f"{f['object']},{f['m']},failed,," for f in result["failed"]]
+    rows, summary, failed = result["rows"], result["summary"], result["failed"]
+    per_object = summarise(rows, by_object=True)
+    published = {"table4": [{"m": m, "chamfer": c, "iou": i} for m, (c, i) in PAPER_TABLE4.items()],
+                 "table3": [{"stage2": s, "psnr": p, "ssim": q, "lpips": lp} for s, (p, q, lp) in PAPER_TABLE3.items()],
+                 "note": "published in the paper (GSO, 30 objects), not measured here"}
+    write_json(out / "ablation.json", {**result, "per_object": per_object, "published": published})
+    cols = ["source", "object", "stage2", "m", "seed", *SCORES, *VIEW_SCORES]
+    std_cols = [f"{k}_std" for k in SCORES + VIEW_SCORES]
+    lines = [",".join(cols + std_cols)]
+    lines += [",".join(["ours", r["object"], r.get("stage2") or "", str(r["m"]), str(r.get("seed", 0))]
+                       + [_fmt(r.get(k), 6) for k in SCORES + VIEW_SCORES]) + "," * len(std_cols) for r in rows]
+    lines += [",".join(["ours-mean", "mean", s["stage2"] or "", str(s["m"]), f"n={s['seeds']}"]
+                       + [_fmt(s[k], 6) for k in SCORES + VIEW_SCORES] + [_fmt(s[k], 6) for k in std_cols])
+              for s in summary]
+    lines += [f"published-table4,GSO,full,{m},,{c},{i}," + "," * (len(VIEW_SCORES) + len(std_cols))
+              for m, (c, i) in PAPER_TABLE4.items()]
+    lines += [f"failed,{f['object']},{f.get('stage2') or ''},{'' if f['m'] is None else f['m']},{f.get('seed', '')}"
+              + "," * (len(cols) + len(std_cols) - 5) for f in failed]
     write_bytes(out / "ablation.csv", ("\n".join(lines) + "\n").encode())
-    md = [f"views: {result['views']}, stage 2: {result['stage2']}, reconstructor: {result.get('reconstructor')}", "",
-          "| object | M | Chamfer ↓ | IoU ↑ | F-score ↑ |", "|---|---|---|---|---|"]
-    md += [f"| {r['object']} | {r['m']} | {r['chamfer']:.4f} | {r['iou']:.4f} | {r['f_score']:.4f} |" for r in rows]
-    md += [f"| **mean ({r['objects']})** | {r['m']} | {r['chamfer']:.4f} | {r['iou']:.4f} | {r['f_score']:.4f} |"
-           for r in means]
-    if result["failed"]:
-        md += ["", "Failed: " + "; ".join(f"{f['object']} M={f['m']}: {f['error']}" for f in result["failed"])]
+    seeds = result.get("seeds", [0])
+    md = [f"views: {result['views']}, generator: {result.get('generator')}, stage 2: {result['stage2']}, "
+          f"reconstructor: {result.get('reconstructor')}, seeds: {seeds}", ""]
+    if result.get("perturb"):
+        md += ["perturbation: " + ", ".join(f"{k} {v}" for k, v in result["perturb"].items()), ""]
+    md += ["## Ours: mean over objects" + (" ± std over seeds" if len(seeds) > 1 else ""), "",
+           "| stage 2 | M | objects | seeds | Chamfer ↓ | IoU ↑ | F-score ↑ | interp. views PSNR | views PSNR | views SSIM |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {s['stage2'] or 'GT views'} | {s['m']} | {s['objects']} | {s['seeds']} | {_pm(s, 'chamfer')} | "
+           f"{_pm(s, 'iou')} | {_pm(s, 'f_score')} | {_pm(s, 'interp_psnr', 2)} | {_pm(s, 'views_psnr', 2)} | "
+           f"{_pm(s, 'views_ssim', 3)} |" for s in summary]
+    md += ["", "## Published (paper Table 4: M, GSO meshes; not measured here)", "", "| M | Chamfer ↓ | IoU ↑ |",
+           "|---|---|---|"] + [f"| {m} | {c:.4f} | {i:.4f} |" for m, (c, i) in PAPER_TABLE4.items()]
+    md += ["", "## Published (paper Table 3: stage 2, GSO views; not measured here)", "",
+           "| stage 2 | PSNR ↑ | SSIM ↑ | LPIPS ↓ |", "|---|---|---|---|"]
+    md += [f"| {s} | {p:.2f} | {q:.3f} | {lp:.3f} |" for s, (p, q, lp) in PAPER_TABLE3.items()]
+    md += ["", "## Per object" + (" (mean ± std over seeds)" if len(seeds) > 1 else ""), "",
+           "| object | stage 2 | M | seeds | Chamfer ↓ | IoU ↑ | F-score ↑ | interp. views PSNR |",
+           "|---|---|---|---|---|---|---|---|"]
+    md += [f"| {s['object']} | {s['stage2'] or 'GT views'} | {s['m']} | {s['seeds']} | {_pm(s, 'chamfer')} | "
+           f"{_pm(s, 'iou')} | {_pm(s, 'f_score')} | {_pm(s, 'interp_psnr', 2)} |" for s in per_object]
+    if failed:
+        md += ["", "Failed: " + "; ".join(f"{f['object']} {f.get('stage2') or ''} s{f.get('seed')} M={f['m']}: "
+                                          f"{f['error']}" for f in failed)]
     write_bytes(out / "ablation.md", ("\n".join(md) + "\n").encode())
     if rows:
-        plot(out / "ablation.png", rows, means)
+        plot(out / "ablation.png", per_object, summary)
 
 
-def plot(path: Path, rows: list[dict], means: list[dict]) -> None:
-    """Chamfer and IoU against M: one thin line per object, the mean in bold."""
+def plot(path: Path, per_object: list[dict], summary: list[dict]) -> None:
+    """Chamfer, IoU and interpolated-view PSNR against M: a thin line per object, the mean in bold with the
+    seed spread as error bars, the paper's Table 4 dashed (published, GSO)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -322,16 +505,30 @@ def plot(path: Path, rows: list[dict], means: list[dict]) -> None:
 
     from hi3d.io import atomic_path
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key, label in zip(axes, ("chamfer", "iou"), ("Chamfer distance ↓", "volume IoU ↑")):
-        for name in sorted({r["object"] for r in rows}):
-            pts = sorted((r["m"], r[key]) for r in rows if r["object"] == name)
-            ax.plot(*zip(*pts), marker="o", lw=1, alpha=0.6, label=name)
-        ax.plot([r["m"] for r in means], [r[key] for r in means], marker="s", lw=2.5, color="k", label="mean")
+    panels = [("chamfer", "Chamfer distance ↓"), ("iou", "volume IoU ↑")]
+    if any(s["interp_psnr"] is not None for s in summary):
+        panels.append(("interp_psnr", "interpolated-view PSNR (dB) ↑"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5))
+    for ax, (key, label) in zip(axes, panels):
+        for obj, s2 in sorted({(r["object"], r["stage2"] or "") for r in per_object}):
+            pts = sorted((r["m"], r[key]) for r in per_object
+                         if r["object"] == obj and (r["stage2"] or "") == s2 and r[key] is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", lw=1, alpha=0.5, label=f"{obj} {s2}".strip())
+        for s2 in sorted({s["stage2"] or "" for s in summary}):
+            sel = sorted((s["m"], s[key], s[f"{key}_std"] or 0.0) for s in summary
+                         if (s["stage2"] or "") == s2 and s[key] is not None)
+            if sel:
+                m, v, e = zip(*sel)
+                ax.errorbar(m, v, yerr=e, marker="s", lw=2.5, capsize=3, label=f"mean {s2}".strip())
+        if key in ("chamfer", "iou"):
+            col = 0 if key == "chamfer" else 1
+            ax.plot(list(PAPER_TABLE4), [v[col] for v in PAPER_TABLE4.values()], "k--", marker="x", lw=1,
+                    label="paper Table 4 (GSO, published)")
         ax.set_xlabel("interpolated views M")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
