@@ -13,9 +13,10 @@ import dataclasses
 import sys
 
 from hi3d.data.datasets import DataConfig
-from hi3d.models.stage1 import Stage1Config, Stage1Task
+from hi3d.models.stage1 import Stage1Config
 from hi3d.training.loop import TrainConfig
 from hi3d.training.script import run_training
+from hi3d.training.stage1 import Stage1Task
 
 
 @dataclasses.dataclass

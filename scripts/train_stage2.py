@@ -16,9 +16,10 @@ import dataclasses
 import sys
 
 from hi3d.data.datasets import DataConfig
-from hi3d.models.stage2 import Stage2Config, Stage2Task
+from hi3d.models.stage2 import Stage2Config
 from hi3d.training.loop import TrainConfig
 from hi3d.training.script import run_training
+from hi3d.training.stage2 import Stage2Task
 
 
 @dataclasses.dataclass

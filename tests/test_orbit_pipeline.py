@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -42,10 +44,16 @@ def test_rgb_input_needs_alpha_or_white_background():
     assert (xs.max() - xs.min() + 1) == 16  # longer side (20 px) scaled to 0.5 · 32
 
 
-def test_frame0_is_input_and_cameras(pipe):
+def test_frame0_kept_as_sampled_and_cameras(pipe):
+    """Row 8 of issue 13: the release's stage 1 (``pipeline_i2v_eval_v01.py``) returns its sampled frame 0; only
+    ``replace_first_frame=True`` pastes the input, leaving the other frames unchanged."""
     out = pipe(rgba_disc(), elevation_deg=20.0, seeds=[0])
     assert out.frames.shape == (1, 3, 3, 32, 32)
-    assert torch.equal(out.frames[0, 0], out.image)
+    assert not pipe.config.replace_first_frame
+    assert (out.frames[0, 0] - out.image).abs().max() > 0.05
+    pasted = OrbitPipeline(pipe.unet, pipe.vae, pipe.image_encoder, pipe.feature_extractor,
+                           dataclasses.replace(pipe.config, replace_first_frame=True))(rgba_disc(), 20.0, seeds=[0])
+    assert torch.equal(pasted.frames[0, 0], out.image) and torch.equal(pasted.frames[0, 1:], out.frames[0, 1:])
     assert torch.equal(out.image, frame_object(rgba_disc(), 32, pipe.config.object_fill))
     assert out.c2w.shape == (3, 4, 4) and torch.allclose(out.elevation_deg, torch.full((3,), 20.0, dtype=torch.float64))
     _, el, r = cameras.azimuth_elevation_radius(out.c2w)
@@ -53,7 +61,7 @@ def test_frame0_is_input_and_cameras(pipe):
     assert torch.allclose(r, torch.full((3,), 1.5, dtype=torch.float64))
     assert torch.allclose(out.K, cameras.intrinsics(32, 32))
     orbit = out.to_orbit(0)
-    assert orbit.rgba.shape == (3, 32, 32, 4) and torch.equal(orbit.rgba[0, ..., :3], out.image.permute(1, 2, 0))
+    assert orbit.rgba.shape == (3, 32, 32, 4) and torch.equal(orbit.rgba[0, ..., :3], out.frames[0, 0].permute(1, 2, 0))
     assert torch.allclose(orbit.radius, torch.full((3,), 1.5, dtype=torch.float64))
 
 
@@ -116,7 +124,7 @@ def test_image_decoder_vae_runs(pipe):
     init_weights_(vae, torch.Generator().manual_seed(0))
     other = OrbitPipeline(pipe.unet, vae, pipe.image_encoder, pipe.feature_extractor, pipe.config)
     out = other(rgba_disc(), 5.0, seeds=[0])
-    assert out.frames.shape == (1, 3, 3, 32, 32) and torch.equal(out.frames[0, 0], out.image)
+    assert out.frames.shape == (1, 3, 3, 32, 32) and torch.isfinite(out.frames).all()
     assert (out.frames - pipe(rgba_disc(), 5.0, seeds=[0]).frames).abs().max() > 1e-3
 
 
@@ -132,8 +140,8 @@ def test_stage1_command_writes_orbits_and_resumes(pipe, tmp_path):
     assert cli(argv) == 0
     orbit = load_orbit(tmp_path / "out" / "seed_1", load_depth=False)
     assert orbit.rgba.shape == (3, 32, 32, 4) and torch.allclose(orbit.elevation_deg, torch.full((3,), 15.0, dtype=torch.float64))
-    expect = frame_object(rgba_disc(), 32, pipe.config.object_fill).permute(1, 2, 0)
-    assert (orbit.rgba[0, ..., :3] - expect).abs().max() <= 1 / 255 + 1e-6  # frame 0 = input (8-bit PNG)
+    expect = pipe(rgba_disc(), 15.0, seeds=[1]).frames[0].permute(0, 2, 3, 1)
+    assert (orbit.rgba[..., :3] - expect).abs().max() <= 1 / 255 + 1e-6  # the sampled frames (8-bit PNG)
     stamp = (tmp_path / "out" / "seed_0" / "rgba" / "001.png").stat().st_mtime_ns
     assert cli(argv) == 0  # resume: complete seeds are not redone
     assert (tmp_path / "out" / "seed_0" / "rgba" / "001.png").stat().st_mtime_ns == stamp

@@ -13,8 +13,9 @@ from hi3d.models.conditioning import (
     sgm_timestep_embedding,
     widen_conv_in,
 )
-from hi3d.models.stage1 import Stage1Config, Stage1Task, TinyConfig, load_stage1, tiny_components
+from hi3d.models.stage1 import Stage1Config, TinyConfig, load_stage1, tiny_components
 from hi3d.models.svd import unet_forward
+from hi3d.training.stage1 import Stage1Task
 
 
 def tiny_cfg(**kw) -> Stage1Config:

@@ -11,7 +11,6 @@ from hi3d.models.depth import DepthConfig, tiny_depth_estimator
 from hi3d.models.stage1 import TinyConfig
 from hi3d.models.stage2 import (
     Stage2Config,
-    Stage2Task,
     frame_conditions,
     in_channels,
     load_stage2,
@@ -20,6 +19,7 @@ from hi3d.models.stage2 import (
 )
 from hi3d.models.svd import unet_forward
 from hi3d.pipelines.refine import RefinePipeline, upsample
+from hi3d.training.stage2 import Stage2Task
 
 
 def tiny_cfg(**kw) -> Stage2Config:
@@ -134,14 +134,17 @@ def test_refine_pipeline_shapes_seeds_low_memory_and_roundtrip(comps, tmp_path):
         loaded.refine(frames, torch.tensor([10.0, 20.0]), image=image, generator=torch.Generator().manual_seed(0)),
         out, atol=1e-5, rtol=0)
     with pytest.raises(Hi3DError, match="strength"):
-        pipe.refine(frames, 0.0, strength=0.0)
+        pipe.refine(frames, 0.0, strength=0.5)  # release_blend has no strength
+    with pytest.raises(Hi3DError, match="strength"):
+        RefinePipeline.from_components(comps, tiny_cfg(start="sdedit")).refine(frames, 0.0, strength=0.0)
 
 
 def test_strength_controls_how_far_from_the_stage1_frames(comps):
     frames = (batch(B=1, size=32)["frames"] + 1) / 2
     dist = []
     for strength in (0.2, 1.0):
-        pipe = RefinePipeline.from_components(comps, tiny_cfg(num_inference_steps=5, replace_first_frame=False))
+        pipe = RefinePipeline.from_components(comps, tiny_cfg(num_inference_steps=5, replace_first_frame=False,
+                                                              start="sdedit"))
         out = pipe.refine(frames, 0.0, generator=torch.Generator().manual_seed(0), strength=strength)
         dist.append(float((out - frames).abs().mean()))
     assert dist[0] < dist[1]

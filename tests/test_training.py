@@ -231,7 +231,7 @@ def stage1_overrides(root, out, **kw):
 def test_stage1_resume_equals_uninterrupted(dataset, tmp_path):
     from hi3d.config import load_config
     from hi3d.data.datasets import build_dataset
-    from hi3d.models.stage1 import Stage1Task
+    from hi3d.training.stage1 import Stage1Task
 
     script = stage1_script()
     tiny = ROOT / "configs/stage1/tiny_cpu.yaml"
@@ -274,9 +274,9 @@ def test_tiny_stage1_overfits_two_real_orbits(bunny_path, spider_path, tmp_path)
     from hi3d.config import load_config
     from hi3d.data.datasets import build_dataset
     from hi3d.data.render import RenderConfig, render_orbit
-    from hi3d.models.stage1 import Stage1Task
     from hi3d.models.svd import decode_latents, encode_frames
     from hi3d.training.loop import psnr
+    from hi3d.training.stage1 import Stage1Task
 
     cfg = load_config(stage1_script().Stage1TrainConfig, ROOT / "configs/stage1/tiny_cpu.yaml", [
         f"data.root={tmp_path / 'orbits'}", f"train.output_dir={tmp_path / 'run'}", f"train.steps={OVERFIT_STEPS}",

@@ -45,14 +45,14 @@ def projection_input_dim(slots: Sequence[str], slot_dim: int = SLOT_DIM) -> int:
 
 
 def added_time_ids(slots: Sequence[str], elevation: torch.Tensor, noise_aug: torch.Tensor,
-                   constant_value: float = 0.0) -> torch.Tensor:
-    """Ids ``[B, len(slots)]`` in slot order from ``elevation [B]`` (degrees) and ``noise_aug [B]``."""
+                   constant_value: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """Ids ``[B, len(slots)]`` in slot order from ``elevation [B]`` (degrees), ``noise_aug [B]`` and the
+    ``"constant"``/``"aesthetic"`` value (a float or per-video ``[B]``)."""
     check_slots(slots)
     elevation = elevation.float()
     noise_aug = noise_aug.to(elevation).expand_as(elevation)
-    values = {"elevation": elevation, "noise_aug": noise_aug,
-              "constant": torch.full_like(elevation, constant_value),
-              "aesthetic": torch.full_like(elevation, constant_value),
+    constant = torch.as_tensor(constant_value).to(elevation).expand_as(elevation)
+    values = {"elevation": elevation, "noise_aug": noise_aug, "constant": constant, "aesthetic": constant,
               **{k: torch.full_like(elevation, v) for k, v in SVD_DEFAULTS.items()}}
     return torch.stack([values[s] for s in slots], dim=1)
 

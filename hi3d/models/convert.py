@@ -434,10 +434,9 @@ def convert_stage1(checkpoint: str | Path, out: str | Path, config_dir: str | Pa
     feature_extractor/ [aesthetic/] hi3d_pipeline.json). ``sd`` may be given directly (tests)."""
     from transformers import CLIPImageProcessor
 
-    from hi3d.io import atomic_folder
     from hi3d.models.aesthetic import AestheticScorer
-    from hi3d.models.stage1 import Stage1Config
-    from hi3d.pipelines.orbit import OrbitPipeline
+    from hi3d.models.stage1 import Stage1Components, Stage1Config
+    from hi3d.models.svd import save_stage_folder
 
     config_dir = Path(config_dir or default_config_dir())
     sd = read_checkpoint(checkpoint, unsafe_pickle) if sd is None else sd
@@ -448,11 +447,11 @@ def convert_stage1(checkpoint: str | Path, out: str | Path, config_dir: str | Pa
     # the release's first slot is an aesthetic score (LAION predictor on the input); a fixed score stands in
     cfg = Stage1Config(num_frames=unet.config.num_frames, resolution=8 * (unet.config.sample_size or 64),
                        slots=["aesthetic", "elevation", "noise_aug"], constant_value=aesthetic_score)
-    OrbitPipeline(unet, modules["vae"], modules["image_encoder"].eval(), CLIPImageProcessor(**fe_cfg),
-                  cfg).save_pretrained(out)
-    if "aesthetic_clip" in modules:
-        with atomic_folder(Path(out) / "aesthetic") as tmp:
-            AestheticScorer(modules["aesthetic_clip"], modules["aesthetic_mlp"]).save_pretrained(tmp)
+    aesthetic = AestheticScorer(modules["aesthetic_clip"], modules["aesthetic_mlp"]) if "aesthetic_clip" in modules \
+        else None
+    components = Stage1Components(unet, modules["vae"], modules["image_encoder"].eval(), CLIPImageProcessor(**fe_cfg),
+                                  aesthetic)
+    save_stage_folder(out, vars(components), cfg)
     return report
 
 

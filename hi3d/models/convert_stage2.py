@@ -71,8 +71,8 @@ def convert_stage2(checkpoint: str | Path | None, out: str | Path, depth: DepthE
     given directly (tests)."""
     from transformers import CLIPImageProcessor
 
-    from hi3d.models.stage2 import Stage2Config, in_channels
-    from hi3d.pipelines.refine import RefinePipeline
+    from hi3d.models.stage2 import Stage2Components, Stage2Config, in_channels
+    from hi3d.models.svd import save_stage_folder
 
     sd = convert.read_checkpoint(checkpoint, unsafe_pickle) if sd is None else sd
     if isinstance(depth, (str, Path)):
@@ -90,8 +90,9 @@ def convert_stage2(checkpoint: str | Path | None, out: str | Path, depth: DepthE
                         "or 9 (resized depth)")
     fe_path = convert.default_config_dir() / "feature_extractor.json"
     fe_cfg = convert.read_config(fe_path) if fe_path.is_file() else {}
-    RefinePipeline(unet, modules["vae"], modules["image_encoder"].eval(), CLIPImageProcessor(**fe_cfg), depth,
-                   cfg).save_pretrained(out)
+    components = Stage2Components(unet, modules["vae"], modules["image_encoder"].eval(), CLIPImageProcessor(**fe_cfg),
+                                  depth)
+    save_stage_folder(out, vars(components), cfg)
     return report
 
 

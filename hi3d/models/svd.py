@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+PIPELINE_FILE = "hi3d_pipeline.json"  # in a saved stage folder: the stage config, incl. the slot layout
 
 
 def module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -122,3 +126,42 @@ def prepare_for_training(unet: torch.nn.Module, gradient_checkpointing: bool, tr
     if trainable_params:
         for name, p in unet.named_parameters():
             p.requires_grad_(any(k in name for k in trainable_params))
+
+
+def save_stage_folder(folder: str | Path, components: Mapping[str, object], config) -> None:
+    """Write a stage folder: ``<name>/`` per component (its ``save_pretrained``; ``None`` skipped; a DDP-wrapped
+    module unwrapped) + ``hi3d_pipeline.json`` (``config``, a stage config dataclass, with ``pretrained``
+    folders cleared and ``tiny`` off). Written to a temporary folder, then swapped in whole."""
+    from hi3d.config import to_dict
+    from hi3d.io import atomic_folder, write_json
+
+    with atomic_folder(folder) as tmp:
+        for name, module in components.items():
+            if module is not None:
+                getattr(module, "module", module).save_pretrained(tmp / name)
+        cfg = to_dict(config)
+        cfg["pretrained"] = None
+        cfg["tiny"]["enabled"] = False
+        for value in cfg.values():  # nested component configs (e.g. depth) point at the saved subfolder
+            if isinstance(value, dict) and "pretrained" in value:
+                value["pretrained"] = None
+        write_json(tmp / PIPELINE_FILE, cfg)
+
+
+SGM_RESNET_NORM_EPS = 1e-5
+
+
+def match_sgm_norm_eps(unet: torch.nn.Module) -> int:
+    """Set the GroupNorm eps of every resnet (spatial and temporal) of a diffusers
+    ``UNetSpatioTemporalConditionModel`` to sgm's 1e-5 (sgm's ``ResBlock`` uses ``GroupNorm32`` with torch's
+    default eps; diffusers builds most of them with 1e-6). Attention norms keep 1e-6, as sgm's. In place;
+    returns how many norms were changed."""
+    from diffusers.models.resnet import ResnetBlock2D, TemporalResnetBlock
+
+    changed = 0
+    for m in unet.modules():
+        if isinstance(m, (ResnetBlock2D, TemporalResnetBlock)):
+            for norm in (m.norm1, m.norm2):
+                changed += norm.eps != SGM_RESNET_NORM_EPS
+                norm.eps = SGM_RESNET_NORM_EPS
+    return changed

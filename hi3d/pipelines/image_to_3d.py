@@ -232,7 +232,7 @@ class ImageTo3D:
             if cfg.stage2 == "bicubic":
                 from hi3d.pipelines.refine import upsample
 
-                refined = upsample(frames[None], size)[0]
+                refined = upsample(frames[None], size, "bicubic")[0]
             else:
                 if cfg.use_depth:
                     from hi3d.models.depth import normalise_per_frame

@@ -1,9 +1,10 @@
 """``OrbitPipeline``: one image + a camera elevation -> an orbit of ``num_frames`` views and their cameras
 (stage 1 inference, paper §4.2).
 
-Euler EDM sampler (25 steps, Karras σ from σ_max = 700), classifier-free guidance whose scale rises
-linearly over the frames (1.0 -> 2.5; unconditional = zero CLIP embedding and zero input latent, as
-SVD), input noise-augmented with strength 0.02, frame 0 of the output replaced by the input.
+The shared sampler (``hi3d.models.sampler``, through ``VideoDiffusionPipeline``): Euler EDM, 25 steps, Karras σ
+from σ_max = 700, started from noise; classifier-free guidance rising linearly over the frames (1.0 -> 2.5;
+unconditional = zero CLIP embedding and zero input latent, as SVD); input noise-augmented with strength
+0.02; frame 0 of the output is the sampled one, as the release's (``replace_first_frame`` pastes the input).
 """
 
 from __future__ import annotations
@@ -15,21 +16,12 @@ from pathlib import Path
 import torch
 
 from hi3d import cameras
-from hi3d.config import to_dict
 from hi3d.errors import Hi3DError
-from hi3d.io import atomic_folder, write_json
-from hi3d.models import edm
+from hi3d.models import sampler
 from hi3d.models.conditioning import added_time_ids
-from hi3d.models.stage1 import PIPELINE_FILE, Stage1Components, Stage1Config, load_stage1
-from hi3d.models.svd import (
-    clip_embed,
-    decode_latents,
-    encode_condition,
-    module_device_dtype,
-    randn,
-    unet_forward,
-    vae_scale_factor,
-)
+from hi3d.models.stage1 import Stage1Components, Stage1Config, load_stage1
+from hi3d.models.svd import clip_embed, encode_condition
+from hi3d.pipelines.base import VideoDiffusionPipeline
 from hi3d.pipelines.preprocess import frame_object
 
 
@@ -58,53 +50,28 @@ class OrbitOutput:
                      meta={"generator": "hi3d stage 1", "seed": self.seeds[sample] if self.seeds else None})
 
 
-class OrbitPipeline:
+class OrbitPipeline(VideoDiffusionPipeline):
     """Stage-1 sampler over components (diffusers style): ``OrbitPipeline(unet, vae, image_encoder,
-    feature_extractor, config)``, ``from_pretrained(folder)``, ``save_pretrained(folder)``, ``to(device)``."""
+    feature_extractor, config, aesthetic=None)``, ``from_pretrained(folder)``, ``save_pretrained(folder)``,
+    ``to(device)``. ``aesthetic`` (optional): see ``Stage1Components.aesthetic``."""
 
-    def __init__(self, unet, vae, image_encoder, feature_extractor, config: Stage1Config | None = None):
-        self.unet, self.vae, self.image_encoder, self.feature_extractor = unet, vae, image_encoder, feature_extractor
-        self.config = config or Stage1Config()
+    components_class = Stage1Components
+    config_class = Stage1Config
+    load_components = staticmethod(load_stage1)
 
-    @classmethod
-    def from_components(cls, components: Stage1Components, config: Stage1Config) -> OrbitPipeline:
-        return cls(components.unet, components.vae, components.image_encoder, components.feature_extractor, config)
+    def __init__(self, unet, vae, image_encoder, feature_extractor, config: Stage1Config | None = None,
+                 aesthetic: torch.nn.Module | None = None):
+        super().__init__(config, unet=unet, vae=vae, image_encoder=image_encoder,
+                         feature_extractor=feature_extractor, aesthetic=aesthetic)
 
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, torch_dtype=None, device=None) -> OrbitPipeline:
-        """Load a folder written by ``save_pretrained`` (config from ``hi3d_pipeline.json``) or a plain SVD
-        folder (paper defaults)."""
-        from hi3d.config import load_config
-
-        folder = Path(folder)
-        meta = folder / PIPELINE_FILE
-        cfg = load_config(Stage1Config, meta if meta.is_file() else None, [f"pretrained={folder}"])
-        cfg.tiny.enabled = False
-        pipe = cls.from_components(load_stage1(folder, cfg, torch_dtype=torch_dtype), cfg)
-        return pipe.to(device) if device is not None else pipe
-
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write ``unet/ vae/ image_encoder/ feature_extractor/`` + ``hi3d_pipeline.json`` (the config, incl.
-        the slot layout). Written to a temporary folder, then swapped in."""
-        with atomic_folder(folder) as tmp:
-            unwrap = getattr(self.unet, "module", self.unet)  # DDP-wrapped UNet from the training loop
-            unwrap.save_pretrained(tmp / "unet")
-            self.vae.save_pretrained(tmp / "vae")
-            self.image_encoder.save_pretrained(tmp / "image_encoder")
-            self.feature_extractor.save_pretrained(tmp / "feature_extractor")
-            cfg = to_dict(self.config)
-            cfg["pretrained"] = None
-            cfg["tiny"]["enabled"] = False
-            write_json(tmp / PIPELINE_FILE, cfg)
-
-    def to(self, device=None, dtype=None) -> OrbitPipeline:
-        for m in (self.unet, self.vae, self.image_encoder):
-            m.to(device=device, dtype=dtype)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return module_device_dtype(self.unet)[0]
+    def aesthetic_score(self, x_m11: torch.Tensor) -> torch.Tensor:
+        """Value of the ``"aesthetic"``/``"constant"`` slot for input images ``[B, 3, H, W]`` in [-1, 1]: the
+        aesthetic predictor's score when there is one and the layout has an ``"aesthetic"`` slot, else the
+        configured ``constant_value``. ``[B]``."""
+        B = x_m11.shape[0]
+        if self.aesthetic is None or "aesthetic" not in self.config.slots:
+            return torch.full((B,), float(self.config.constant_value), device=x_m11.device)
+        return self.aesthetic(x_m11).reshape(B).to(x_m11.device, torch.float32)
 
     @torch.no_grad()
     def generate(self, image: torch.Tensor, elevation: torch.Tensor | float,
@@ -114,52 +81,25 @@ class OrbitPipeline:
                  decode_chunk_size: int | None = None) -> torch.Tensor:
         """Core sampler on prepared inputs: ``image [B, 3, H, W]`` in [0, 1] (white background, H, W the
         output size), ``elevation [B]`` degrees. One generator per video (its noise depends only on it), or
-        one for the batch. Returns ``[B, F, 3, H, W]`` in [0, 1] with frame 0 = ``image``."""
+        one for the batch. Returns ``[B, F, 3, H, W]`` in [0, 1]; frame 0 is the sampled one (the release's)
+        unless ``replace_first_frame``."""
         cfg = self.config
-        steps = num_inference_steps or cfg.num_inference_steps
-        gmin = cfg.min_guidance if min_guidance is None else min_guidance
-        gmax = cfg.max_guidance if max_guidance is None else max_guidance
         aug = cfg.noise_aug if noise_aug is None else noise_aug
         device = self.device
-        B, _, H, W = image.shape
-        Fr, f = cfg.num_frames, vae_scale_factor(self.vae)
-        gens = list(generators) if isinstance(generators, (list, tuple)) else [generators] * B
-        if len(gens) != B:
-            raise Hi3DError(f"{len(gens)} generators for {B} videos")
-        per_video = len(set(map(id, gens))) == B
-
-        def noise(shape):  # [B, *shape], each video from its own generator when given one each
-            if per_video:
-                return torch.cat([randn((1, *shape), g, device) for g in gens])
-            return randn((B, *shape), gens[0], device)
-
+        B = image.shape[0]
+        gens = sampler.video_generators(generators, B)
         x_m11 = image.to(device, torch.float32) * 2 - 1
         clip = clip_embed(self.image_encoder, self.feature_extractor, x_m11).float()
-        cond = encode_condition(self.vae, x_m11 + aug * noise(x_m11.shape[1:])).float()
-        concat = cond.unsqueeze(1).expand(-1, Fr, -1, -1, -1)
+        cond = encode_condition(self.vae, x_m11 + aug * sampler.batch_randn(gens, x_m11.shape[1:], device)).float()
+        concat = cond.unsqueeze(1).expand(-1, cfg.num_frames, -1, -1, -1)
         elevation = torch.as_tensor(elevation, dtype=torch.float32, device=device).reshape(-1).expand(B)
-        ids = added_time_ids(cfg.slots, elevation, torch.full((B,), aug, device=device), cfg.constant_value)
-        # batched [uncond; cond]: zero CLIP embedding and zero input latent, same ids (as SVD)
-        clip2, concat2, ids2 = torch.cat([torch.zeros_like(clip), clip]), torch.cat([torch.zeros_like(concat), concat]), \
-            torch.cat([ids, ids])
-        scale = torch.linspace(gmin, gmax, Fr, device=device).view(1, Fr, 1, 1, 1)
-        guided = gmax > 1.0 or gmin > 1.0
-
-        def denoiser(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            s = torch.full((B,), sigma, device=device)
-            if not guided:
-                return edm.denoise(lambda xi, c: unet_forward(self.unet, xi, c, concat, clip, ids), x, s)
-            d = edm.denoise(lambda xi, c: unet_forward(self.unet, xi, c, concat2, clip2, ids2),
-                            torch.cat([x, x]), torch.cat([s, s]))
-            d_u, d_c = d.chunk(2)
-            return d_u + scale * (d_c - d_u)
-
-        sigmas = edm.karras_sigmas(steps, cfg.sigma_min, cfg.sigma_max, cfg.rho).tolist()
-        x = noise((Fr, 4, H // f, W // f)) * edm.initial_noise_scale(sigmas[0])
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            x = edm.euler_step(x, denoiser(x, s), s, s_next)
-        frames = ((decode_latents(self.vae, x, decode_chunk_size or cfg.decode_chunk_size) + 1) / 2).clamp(0, 1)
-        frames[:, 0] = image.to(frames)
+        ids = added_time_ids(cfg.slots, elevation, torch.full((B,), aug, device=device), self.aesthetic_score(x_m11))
+        x = self.sample_latents(concat, clip, ids, gens, num_inference_steps or cfg.num_inference_steps,
+                                cfg.min_guidance if min_guidance is None else min_guidance,
+                                cfg.max_guidance if max_guidance is None else max_guidance)
+        frames = self.decode(x, decode_chunk_size or cfg.decode_chunk_size)
+        if cfg.replace_first_frame:
+            frames[:, 0] = image.to(frames)
         return frames.cpu()
 
     def __call__(self, image, elevation_deg: float, num_inference_steps: int | None = None,

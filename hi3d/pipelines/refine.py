@@ -1,13 +1,17 @@
 """``RefinePipeline``: stage-1 orbit frames (+ input image, elevation) -> refined frames at the stage-2
 resolution (1024² in the paper; tiny configs use 2× the input), paper §4.3.
 
-Sampler: Euler EDM over 25 Karras σ (σ_max 700), classifier-free guidance rising over the frames 1.0 -> 2.0
-(unconditional = zero CLIP embedding and zero [depth, latent] concat), conditions = per-frame VAE latents
-and packed depth of the bicubically upsampled stage-1 frames (noise-augmented 0.02), started SDEdit-style
-from the upsampled stage-1 latents noised to the σ of step round((1 − strength)·steps).
+As the release (``pipeline_i2v_eval_v02.py``): the stage-1 frames are upsampled bilinearly (``upsample_mode``),
+frame 0 replaced by the input image; conditions = per-frame VAE latents and packed depth of the
+noise-augmented (0.02) frames; the shared sampler (``hi3d.models.sampler``) runs 25 Euler EDM steps over
+Karras σ from σ_max 700 with guidance rising over the frames 1.0 -> 2.0 (unconditional = zero CLIP embedding
+and zero [depth, latent] concat), ``start="release_blend"``: every step pulls the sample towards
+z + σ_i ε₀, z = posterior sample × scaling factor of the upsampled frames. ``start="sdedit"`` (hi3d's
+alternative) starts at step round((1 − strength)·steps) from z + σ ε₀ instead. Frame 0 of the output is the
+input image (``replace_first_frame``).
 
 Ablations: ``use_depth=False`` feeds zeros in the depth channels; "no stage 2" is the caller's choice:
-use ``upsample(frames, size)`` (the same bicubic upsampling the refiner starts from) instead of ``refine``.
+use ``upsample(frames, size)`` (the same upsampling the refiner starts from) instead of ``refine``.
 
 ``low_memory=True``: VAE encode one frame and decode ≤ 2 frames at a time (the temporal decoder mixes the
 frames of a chunk, so the chunk size changes the output slightly, as SVD's ``decode_chunk_size``), conditional and
@@ -21,79 +25,51 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from hi3d.config import to_dict
-from hi3d.errors import Hi3DError
-from hi3d.io import atomic_folder, write_json
-from hi3d.models import edm
+from hi3d.errors import ConfigError
+from hi3d.models import sampler
 from hi3d.models.conditioning import added_time_ids
-from hi3d.models.stage1 import PIPELINE_FILE
-from hi3d.models.stage2 import Stage2Components, Stage2Config, frame_conditions, load_stage2
-from hi3d.models.svd import clip_embed, decode_latents, encode_frames, randn, unet_forward, vae_scale_factor
+from hi3d.models.stage2 import Stage2Components, Stage2Config, encode_videos, frame_conditions, load_stage2
+from hi3d.models.svd import clip_embed
+from hi3d.pipelines.base import VideoDiffusionPipeline
+
+UPSAMPLE_MODES = ("bilinear", "bicubic")
 
 
-def upsample(frames01: torch.Tensor, size: int) -> torch.Tensor:
-    """``[B, F, 3, h, w]`` in [0, 1] -> ``[B, F, 3, size, size]`` (bicubic, clamped)."""
+def upsample(frames01: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """``[B, F, 3, h, w]`` in [0, 1] -> ``[B, F, 3, size, size]``. ``"bilinear"``: the release's (``cv2.resize``
+    INTER_LINEAR: half-pixel centres, no antialias); ``"bicubic"``: antialiased when shrinking, clamped to [0, 1]."""
+    if mode not in UPSAMPLE_MODES:
+        raise ConfigError(f"upsample mode '{mode}' is not one of: {', '.join(UPSAMPLE_MODES)}")
     if frames01.shape[-2:] == (size, size):
         return frames01.float()
-    x = F.interpolate(frames01.flatten(0, 1).float(), size=(size, size), mode="bicubic", align_corners=False,
-                      antialias=frames01.shape[-1] > size)
-    return x.clamp(0, 1).unflatten(0, frames01.shape[:2])
+    x = frames01.flatten(0, 1).float()
+    if mode == "bilinear":
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    else:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
+                          antialias=frames01.shape[-1] > size).clamp(0, 1)
+    return x.unflatten(0, frames01.shape[:2])
 
 
-class RefinePipeline:
+class RefinePipeline(VideoDiffusionPipeline):
     """Stage-2 sampler over components: ``RefinePipeline(unet, vae, image_encoder, feature_extractor, depth,
-    config)``, ``from_pretrained(folder)``, ``save_pretrained(folder)``, ``to(device)``."""
+    config)``, ``from_pretrained(folder, **overrides)``, ``save_pretrained(folder)``, ``to(device)``."""
+
+    components_class = Stage2Components
+    config_class = Stage2Config
+    load_components = staticmethod(load_stage2)
 
     def __init__(self, unet, vae, image_encoder, feature_extractor, depth, config: Stage2Config | None = None):
-        self.unet, self.vae, self.image_encoder, self.feature_extractor, self.depth = (
-            unet, vae, image_encoder, feature_extractor, depth)
-        self.config = config or Stage2Config()
+        super().__init__(config, unet=unet, vae=vae, image_encoder=image_encoder,
+                         feature_extractor=feature_extractor, depth=depth)
         self._device = next(unet.parameters()).device
 
-    @classmethod
-    def from_components(cls, c: Stage2Components, config: Stage2Config) -> RefinePipeline:
-        return cls(c.unet, c.vae, c.image_encoder, c.feature_extractor, c.depth, config)
-
-    @property
-    def components(self) -> Stage2Components:
-        return Stage2Components(self.unet, self.vae, self.image_encoder, self.feature_extractor, self.depth)
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, torch_dtype=None, device=None, **overrides) -> RefinePipeline:
-        """A folder from ``save_pretrained`` / the stage-2 converter (config in ``hi3d_pipeline.json``), or an
-        SVD folder (paper defaults, conv_in widened; depth from ``depth_pretrained``). ``overrides``:
-        ``key=value`` strings' keys and values, e.g. ``low_memory=True``."""
-        from hi3d.config import load_config
-
-        folder = Path(folder)
-        meta = folder / PIPELINE_FILE
-        items = [f"pretrained={folder}"] + [f"{k}={v}" for k, v in overrides.items()]
-        cfg = load_config(Stage2Config, meta if meta.is_file() else None, items)
-        cfg.tiny.enabled = False
-        pipe = cls.from_components(load_stage2(folder, cfg, torch_dtype=torch_dtype), cfg)
-        return pipe.to(device) if device is not None else pipe
-
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write ``unet/ vae/ image_encoder/ feature_extractor/ depth/`` + ``hi3d_pipeline.json`` (the
-        stage-2 config) to a temporary folder, then swap it in."""
-        with atomic_folder(folder) as tmp:
-            getattr(self.unet, "module", self.unet).save_pretrained(tmp / "unet")
-            self.vae.save_pretrained(tmp / "vae")
-            self.image_encoder.save_pretrained(tmp / "image_encoder")
-            self.feature_extractor.save_pretrained(tmp / "feature_extractor")
-            self.depth.save_pretrained(tmp / "depth")
-            cfg = to_dict(self.config)
-            cfg["pretrained"], cfg["depth"]["pretrained"] = None, None
-            cfg["tiny"]["enabled"] = False
-            write_json(tmp / PIPELINE_FILE, cfg)
-
     def _models(self):
-        return (self.unet, self.vae, self.image_encoder, self.depth)
+        return self.modules()
 
     def to(self, device=None, dtype=None) -> RefinePipeline:
         if device is not None:
@@ -135,73 +111,38 @@ class RefinePipeline:
                noise_aug: float | None = None) -> torch.Tensor:
         """``frames [B, F, 3, h, w]`` in [0, 1] (stage-1 output; white background), ``elevation [B]`` degrees,
         ``image [B, 3, H', W']`` in [0, 1] the input view (default: frame 0) -> ``[B, F, 3, S, S]`` in [0, 1],
-        S = ``size`` or ``config.resolution``. One generator per video, or one for the batch."""
+        S = ``size`` or ``config.resolution``. One generator per video (all of that video's noise: condition
+        augmentation, posterior sample, ε₀), or one for the batch. ``strength``: the ``"sdedit"`` start's."""
         cfg = self.config
-        steps = num_inference_steps or cfg.num_inference_steps
+        sampler.check_start(cfg.start)
+        if strength is not None and cfg.start != "sdedit":
+            raise ConfigError(f"refine strength applies to start=sdedit only (this pipeline's start is '{cfg.start}')")
         strength = cfg.strength if strength is None else strength
-        gmin = cfg.min_guidance if min_guidance is None else min_guidance
-        gmax = cfg.max_guidance if max_guidance is None else max_guidance
         aug = cfg.noise_aug if noise_aug is None else noise_aug
-        if not 0 < strength <= 1:
-            raise Hi3DError(f"refine strength {strength} must be in (0, 1]")
         if cfg.low_memory:
             self._set_sdpa()
         chunk = 1 if cfg.low_memory else None
         device, S = self.device, size or cfg.resolution
-        B, Fr = frames.shape[:2]
-        gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * B
-        if len(gens) != B:
-            raise Hi3DError(f"{len(gens)} generators for {B} videos")
-        per_video = len(set(map(id, gens))) == B > 1
-
-        def noise(shape):
-            if per_video:
-                return torch.cat([randn((1, *shape), g, device) for g in gens])
-            return randn((B, *shape), gens[0], device)
-
-        up = upsample(frames, S).to(device)
-        image = up[:, 0] if image is None else upsample(image[:, None], S)[:, 0].to(device)
+        B = frames.shape[0]
+        gens = sampler.video_generators(generator, B)
+        up = upsample(frames, S, cfg.upsample_mode).to(device)
+        image = up[:, 0] if image is None else upsample(image[:, None], S, cfg.upsample_mode)[:, 0].to(device)
         up[:, 0] = image
         with self._use(self.image_encoder):
             clip = clip_embed(self.image_encoder, self.feature_extractor, image * 2 - 1).float()
         with self._use(self.vae, self.depth):
-            concat = frame_conditions(self.components, cfg, up, torch.full((B,), aug), gens[0], chunk=chunk)
-            f = vae_scale_factor(self.vae)
-            z0 = None if strength >= 1 else encode_frames(self.vae, up * 2 - 1, sample=False,
-                                                          chunk=chunk or cfg.vae_encode_chunk).float()
+            concat = frame_conditions(self.components, cfg, up, torch.full((B,), aug), gens, chunk=chunk)
+            z0 = None if cfg.start == "noise" else encode_videos(self.vae, up * 2 - 1, gens,
+                                                                  chunk or cfg.vae_encode_chunk)
         elevation = torch.as_tensor(elevation, dtype=torch.float32, device=device).reshape(-1).expand(B)
         ids = added_time_ids(cfg.slots, elevation, torch.full((B,), aug, device=device), cfg.constant_value)
-        scale = torch.linspace(gmin, gmax, Fr, device=device).view(1, Fr, 1, 1, 1)
-        guided = gmax > 1.0 or gmin > 1.0
-        zero_clip, zero_cat = torch.zeros_like(clip), torch.zeros_like(concat)
-
-        def run(x, s, cat, emb, tid):
-            return edm.denoise(lambda xi, c: unet_forward(self.unet, xi, c, cat, emb, tid), x, s)
-
-        def denoiser(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            s = torch.full((B,), sigma, device=device)
-            if not guided:
-                return run(x, s, concat, clip, ids)
-            if cfg.low_memory:
-                d_u, d_c = run(x, s, zero_cat, zero_clip, ids), run(x, s, concat, clip, ids)
-            else:
-                d_u, d_c = run(torch.cat([x, x]), torch.cat([s, s]), torch.cat([zero_cat, concat]),
-                               torch.cat([zero_clip, clip]), torch.cat([ids, ids])).chunk(2)
-            return d_u + scale * (d_c - d_u)
-
-        sigmas = edm.karras_sigmas(steps, cfg.sigma_min, cfg.sigma_max, cfg.rho).tolist()
-        shape = (Fr, 4, S // f, S // f)
-        if z0 is None:
-            start, x = 0, noise(shape) * edm.initial_noise_scale(sigmas[0])
-        else:
-            start = min(steps - 1, round((1 - strength) * steps))
-            x = z0 + sigmas[start] * noise(shape)
         with self._use(self.unet):
-            for s, s_next in zip(sigmas[start:-1], sigmas[start + 1:]):
-                x = edm.euler_step(x, denoiser(x, s), s, s_next)
+            x = self.sample_latents(concat, clip, ids, gens, num_inference_steps or cfg.num_inference_steps,
+                                    cfg.min_guidance if min_guidance is None else min_guidance,
+                                    cfg.max_guidance if max_guidance is None else max_guidance,
+                                    cfg.start, z0, strength, cfg.blend_power, sequential=cfg.low_memory)
         with self._use(self.vae):
-            out = decode_latents(self.vae, x, min(cfg.decode_chunk_size, 2) if cfg.low_memory else cfg.decode_chunk_size)
-        out = ((out + 1) / 2).clamp(0, 1)
+            out = self.decode(x, min(cfg.decode_chunk_size, 2) if cfg.low_memory else cfg.decode_chunk_size)
         if cfg.replace_first_frame:
             out[:, 0] = image.to(out)
         return out.cpu()

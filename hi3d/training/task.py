@@ -1,6 +1,6 @@
 """What a diffusion stage gives the shared training loop (``hi3d.training.loop``).
 
-Stage 1 (``hi3d.models.stage1``) and stage 2 (``hi3d.models.stage2``) each implement ``DiffusionTask``;
+Stage 1 (``hi3d.training.stage1``) and stage 2 (``hi3d.training.stage2``) each implement ``DiffusionTask``;
 the loop owns accelerate, optimisation, EMA, checkpoints, logging and validation scheduling.
 """
 

@@ -36,7 +36,8 @@ def main() -> None:
     from hi3d.io import write_bytes, write_json
     from hi3d.models.depth import DepthConfig
     from hi3d.models.stage1 import TinyConfig
-    from hi3d.models.stage2 import Stage2Config, Stage2Task
+    from hi3d.models.stage2 import Stage2Config
+    from hi3d.training.stage2 import Stage2Task
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("outputs/benchmarks"))

@@ -29,8 +29,8 @@ from hi3d.config import load_config
 from hi3d.data.datasets import OrbitDataset, ShardOrbitDataset, build_dataset, first_samples
 from hi3d.data.orbit import Orbit, save_orbit
 from hi3d.io import read_json, write_bytes, write_json
-from hi3d.models.stage1 import Stage1Task
 from hi3d.training.loop import train
+from hi3d.training.stage1 import Stage1Task
 
 ROOT = Path(__file__).resolve().parents[2]
 
