@@ -121,14 +121,19 @@ class RunRecord:
         self.save()
 
     @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[dict]:
-        """Time a stage; its entry (``wall_time_s``, peak memory, anything the block adds) lands in run.json."""
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        entry: dict[str, Any] = {}
+    def stage(self, name: str, device: torch.device | str | None = None) -> Iterator[dict]:
+        """Time a stage; its entry (``device`` it ran on — default the record's —, ``wall_time_s``, peak memory,
+        anything the block adds) lands in run.json. ``device`` may also name a non-torch backend (``pyrender``)."""
+        where = device if device is not None else self.device
+        torch_device = where if isinstance(where, torch.device) else None
+        if isinstance(where, str) and where.split(":")[0] in ("cpu", "cuda"):
+            torch_device = torch.device(where)
+        if torch_device is not None and torch_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(torch_device)
+        entry: dict[str, Any] = {} if where is None else {"device": str(where)}
         start = time.perf_counter()
         yield entry
-        entry.update(wall_time_s=round(time.perf_counter() - start, 3), **peak_memory_mb(self.device))
+        entry.update(wall_time_s=round(time.perf_counter() - start, 3), **peak_memory_mb(torch_device))
         self.data["stages"][name] = entry
         self.save()
 

@@ -48,7 +48,7 @@ def _generate(*args):
 def test_generate_writes_every_output_and_resumes(tmp_path, weights, spider_image):
     out = tmp_path / "out"
     assert _generate(spider_image, "--out", out, "--weights", weights, "--num-interp", 4, "--elevation", 20,
-                     *FAST_RECON) == 0
+                     "device=cpu", *FAST_RECON) == 0
     for rel in ["input.png", "stage1/cameras.json", "stage2/cameras.json", "depth/000.png", "contact_sheet.png",
                 "recon/interp/cameras.json", "recon/mesh.glb", "recon/mesh.obj", "recon/mesh.ply",
                 "recon/turntable.png", "run.json", "status.json"]:
@@ -64,6 +64,15 @@ def test_generate_writes_every_output_and_resumes(tmp_path, weights, spider_imag
     assert {"stage1/seed_0", "stage2/seed_0", "reconstruct/seed_0"} <= set(run["stages"])
     assert all(v["wall_time_s"] >= 0 and v["cpu_max_rss_mb"] > 0 for v in run["stages"].values())
     assert any(k.startswith("stage1/") for k in run["weights"][str(weights)])
+    # one device for every stage, recorded per stage: the diffusion stages, 3DGS and NeuS (and the mesh)
+    assert {k: v["device"] for k, v in run["devices"].items()} == dict.fromkeys(
+        ["stage1", "stage2", "interpolate", "neus", "mesh"], "cpu")
+    assert {run["stages"][f"{k}/seed_0"]["device"] for k in ("stage1", "stage2", "reconstruct")} == {"cpu"}
+    assert run["stages"]["reconstruct/seed_0"]["stages"] == {"interpolate": "cpu", "neus": "cpu", "mesh": "cpu"}
+    recon_run = json.loads((out / "recon/run.json").read_text())
+    assert {k: recon_run["stages"][k]["device"] for k in ("interpolate", "neus", "mesh")} == dict.fromkeys(
+        ["interpolate", "neus", "mesh"], "cpu")
+    assert recon_run["config"]["gaussians"]["device"] == recon_run["config"]["neus"]["device"] == "cpu"
 
     # a run killed after stage 2 and after interpolation resumes without redoing finished stages
     stage1_time = (out / "stage1/cameras.json").stat().st_mtime_ns
@@ -152,6 +161,29 @@ def test_bad_inputs_give_one_line_errors(tmp_path, weights, spider_image, capsys
         assert _generate(*args, "--out", tmp_path / "o", "--stages", "stage1") == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("override", ["device=cuda", "recon.neus.device=cuda", "recon.gaussians.device=cuda:1"])
+def test_cuda_without_cuda_fails_at_start_up(tmp_path, weights, spider_image, capsys, override):
+    """``device=cuda`` (or one stage's) on a CPU-only machine: one line, before anything is written."""
+    out = tmp_path / "o"
+    assert _generate(spider_image, "--out", out, "--weights", weights, override) == 2
+    err = capsys.readouterr().err.strip()
+    assert "CUDA is not available" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_stage_devices_inherit_the_command_device_unless_overridden():
+    from hi3d.recon.neus import NeuSConfig
+    from hi3d.recon.reconstruct import ReconstructConfig, resolve_devices, stage_devices
+
+    # "meta" stands for an accelerator this CPU-only machine can name: the command's device reaches each stage
+    assert stage_devices(resolve_devices(ReconstructConfig(), "meta")) == dict.fromkeys(["interpolate", "neus", "mesh"], "meta")
+    cfg = resolve_devices(ReconstructConfig(neus=NeuSConfig(device="cpu")), "meta")  # a per-stage override wins
+    assert stage_devices(cfg) == {"interpolate": "meta", "neus": "cpu", "mesh": "cpu"}
+    assert stage_devices(resolve_devices(ReconstructConfig(device="cpu"), "meta"))["interpolate"] == "cpu"
+    assert stage_devices(resolve_devices(ReconstructConfig()))["neus"] == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_incompatible_checkpoint_shapes(tmp_path, weights, spider_image, capsys):

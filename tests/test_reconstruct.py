@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,6 +67,10 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_orbit):
     with pytest.raises(Hi3DError, match="no alpha mask"):
         reconstruct(opaque, tmp_path / "out", 0, tiny_cfg())
     assert main(["reconstruct", str(white), "--out", str(tmp_path / "o2"), "--num-interp", "0"] + TINY) == 2
+    if not torch.cuda.is_available():  # device=cuda here: refused at start-up, nothing written
+        for arg in (["device=cuda"], ["--config", str(Path(__file__).parents[1] / "configs/recon/neus_high.yaml")]):
+            assert main(["reconstruct", str(tiny_orbit), "--out", str(tmp_path / "o3"), *TINY, *arg]) == 2
+            assert not (tmp_path / "o3").exists()
 
 
 def test_interrupted_reconstruct_resumes_and_skips_finished_stages(tmp_path, tiny_orbit):

@@ -53,10 +53,10 @@ def generate_one(cfg: GenerateConfig, out: Path, source: Path | None = None, pro
     from hi3d.provenance import RunRecord
 
     runner = runner or ImageTo3D(cfg)
-    record = RunRecord(out, "generate", config=cfg, seed=cfg.seed, device=runner.device)
-    record.add(input=str(source) if source else None, prompt=prompt)
+    record = RunRecord(out, "generate", config=runner.cfg, seed=cfg.seed, device=runner.device)
+    record.add(input=str(source) if source else None, prompt=prompt, devices=runner.devices)
     if runner.weights is not None and runner.weights.is_dir():
-        with record.stage("hash_weights"):
+        with record.stage("hash_weights", "cpu"):
             record.add_weights(runner.weights)
     start = time.perf_counter()
     if prompt is not None:

@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 
 from hi3d.data.orbit import Orbit, load_orbit, save_orbit
+from hi3d.devices import resolve_device, resolve_dtype
 from hi3d.errors import Hi3DError
 from hi3d.io import contact_sheet, load_png, read_json, save_png, write_json
 from hi3d.pipelines.elevation import ElevationConfig, auto_elevation
 from hi3d.pipelines.inputs import InputConfig, load_input, to_rgba
 from hi3d.pipelines.text_to_image import TextToImageConfig
-from hi3d.recon.reconstruct import ReconstructConfig
+from hi3d.recon.reconstruct import ReconstructConfig, resolve_devices, stage_devices
 
 STAGES = ("stage1", "stage2", "interpolate", "mesh")
 
@@ -46,9 +47,9 @@ class GenerateConfig:
     stages: str = "mesh"  # stop after: stage1 | stage2 | interpolate | mesh
     stage2: str = "model"  # model | bicubic (appendix baseline) | none (stage-1 frames go to reconstruction)
     use_depth: bool = True  # False: stage 2 sees zero depth (ablation)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # float32 | float16 | bfloat16 (GPU)
-    low_memory: bool = False  # stage 2 on a 24 GB GPU: chunked VAE, SDPA, model CPU offload
+    device: str = "auto"  # auto | cpu | cuda | cuda:N: every stage's (recon.device etc. override it per stage)
+    dtype: str = "float32"  # float32 | float16 | bfloat16 (GPU): both diffusion stages; reconstruction is float32
+    low_memory: bool = False  # on an accelerator: chunked VAE, one UNet pass at a time, models offloaded to the CPU
     stage1_steps: int = 25
     stage2_steps: int = 25
     background_threshold: float = 0.04  # generated frames: max-channel distance from white that is object
@@ -56,14 +57,6 @@ class GenerateConfig:
     inputs: InputConfig = dataclasses.field(default_factory=InputConfig)
     text: TextToImageConfig = dataclasses.field(default_factory=TextToImageConfig)
     recon: ReconstructConfig = dataclasses.field(default_factory=ReconstructConfig)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise Hi3DError(f"device '{name}' requested but CUDA is not available (use device=cpu)")
-    return torch.device(name)
 
 
 def white_background_rgba(frames: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -86,9 +79,12 @@ class ImageTo3D:
             raise Hi3DError(f"stages='{cfg.stages}' is not one of {', '.join(STAGES)}")
         if cfg.stage2 not in ("model", "bicubic", "none"):
             raise Hi3DError(f"stage2='{cfg.stage2}' is not one of model, bicubic, none")
-        self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.dtype]
+        self.device = resolve_device(cfg.device)  # start-up: a device this machine lacks fails here, before any output
+        self.dtype = resolve_dtype(cfg.dtype)
+        self.cfg = cfg = dataclasses.replace(cfg, recon=resolve_devices(cfg.recon, self.device))
+        recon = {k: {"device": v, "dtype": "float32"} for k, v in stage_devices(cfg.recon).items()}
+        self.devices = {"stage1": {"device": str(self.device), "dtype": cfg.dtype},
+                        "stage2": {"device": str(self.device), "dtype": cfg.dtype, "low_memory": cfg.low_memory}, **recon}
         self.weights = Path(cfg.weights) if cfg.weights else None
         self._stage1 = self._stage2 = None
 
@@ -172,7 +168,7 @@ class ImageTo3D:
             save_png(out / "input.png", rgba)
         stop = STAGES.index(cfg.stages)
 
-        with record.stage(f"stage1/seed_{seed}") as entry:
+        with record.stage(f"stage1/seed_{seed}", self.device) as entry:
             s1 = _orbit_done(out / "stage1")
             entry["skipped"] = s1 is not None
             if s1 is None:
@@ -187,7 +183,7 @@ class ImageTo3D:
         if stop == 0:
             return files
 
-        with record.stage(f"stage2/seed_{seed}") as entry:
+        with record.stage(f"stage2/seed_{seed}", self.device) as entry:
             s2 = _orbit_done(out / "stage2")
             entry["skipped"] = s2 is not None
             entry["mode"] = cfg.stage2
@@ -207,8 +203,9 @@ class ImageTo3D:
 
         from hi3d.recon.reconstruct import reconstruct
 
-        with record.stage(f"reconstruct/seed_{seed}") as entry:
+        with record.stage(f"reconstruct/seed_{seed}", cfg.recon.neus.device) as entry:
             entry["num_interp"] = cfg.num_interp
+            entry["stages"] = {k: v["device"] for k, v in self.devices.items() if k not in ("stage1", "stage2")}
             if stop == 2:  # interpolation only
                 from hi3d.recon.interpolate import interpolate_views
 
@@ -217,6 +214,8 @@ class ImageTo3D:
                 files["interp"] = out / "recon" / "interp"
                 return files
             files.update(reconstruct(out / "stage2", out / "recon", cfg.num_interp, cfg.recon, progress=False))
+            recon_run = read_json(out / "recon" / "run.json")["stages"]  # what each reconstruction stage ran on
+            entry["stages"] = {k: recon_run[k].get("device") for k in ("interpolate", "neus", "mesh") if k in recon_run}
         return files
 
     def _refine(self, s1: Orbit, seed: int, out: Path) -> Orbit:

@@ -35,13 +35,14 @@ def run_demo(out: Path, obj: str = "bunny", quality: str = "cpu", num_interp: in
     from hi3d.eval.metrics import chamfer_distance, volume_iou
     from hi3d.io import write_json
     from hi3d.provenance import RunRecord
-    from hi3d.recon.reconstruct import ReconstructConfig, reconstruct
+    from hi3d.recon.reconstruct import ReconstructConfig, reconstruct, resolve_devices
 
     source = resolve_object(obj)
     cfg_file = config_path(quality)
     if not cfg_file.is_file():
         raise Hi3DError(f"demo config {cfg_file} is missing (run the demo from a hi3d checkout)")
     cfg = load_config(ReconstructConfig, cfg_file, list(overrides))
+    cfg = resolve_devices(cfg)  # a device this machine lacks fails before anything is written
     render_cfg = RenderConfig(num_views=16, resolution=QUALITY[quality][1])
     rec = RunRecord(out, "demo", config={"reconstruct": to_dict(cfg), "render": to_dict(render_cfg)},
                     seed=cfg.neus.seed)

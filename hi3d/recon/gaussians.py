@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from hi3d import cameras
 from hi3d.data.orbit import Orbit
+from hi3d.devices import resolve_device
 from hi3d.errors import Hi3DError
 from hi3d.io import atomic_path
 from hi3d.recon.hull import carve
@@ -36,7 +37,7 @@ SH_C0 = 0.28209479177387814
 class GaussianConfig:
     iterations: int = 500
     seed: int = 0
-    device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto" (CUDA when present)
+    device: str | None = None  # cpu | cuda | cuda:N | auto (CUDA when present); None: the command's device
     train_resolution: int = 256  # views are resized to this for fitting (0 = as given)
     sh_degree: int = 0
     num_points: int = 5000  # initial Gaussians
@@ -68,15 +69,6 @@ class GaussianConfig:
     chunk_elements: int = 1 << 18  # CPU rasteriser block size (elements of [tiles, K, pixels])
     num_threads: int = 0  # torch CPU threads during the fit (0 = leave torch's setting, e.g. OMP_NUM_THREADS)
     progress: bool = True
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise Hi3DError(f"device '{name}' requested but CUDA is not available (use device=cpu)")
-    return dev
 
 
 class GaussianModel(torch.nn.Module):

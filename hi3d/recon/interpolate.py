@@ -17,8 +17,9 @@ import torch
 
 from hi3d import cameras
 from hi3d.data.orbit import Orbit, load_orbit, save_orbit
+from hi3d.devices import resolve_device
 from hi3d.errors import Hi3DError
-from hi3d.recon.gaussians import GaussianConfig, GaussianModel, fit_gaussians, resolve_device
+from hi3d.recon.gaussians import GaussianConfig, GaussianModel, fit_gaussians
 
 
 def interpolated_cameras(orbit: Orbit, num_interp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

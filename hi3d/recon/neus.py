@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from hi3d import cameras
 from hi3d.config import to_dict
 from hi3d.data.orbit import Orbit
+from hi3d.devices import resolve_device
 from hi3d.io import atomic_path
 from hi3d.recon.hashgrid import HashGrid
 
@@ -68,7 +69,7 @@ class NeuSConfig:
     volume_weight: float = 0.0  # minimal-volume prior: mean occupancy of the uniform eikonal points
     # run
     seed: int = 0
-    device: str = "cpu"
+    device: str | None = None  # cpu | cuda | cuda:N | auto; None: the command's device (auto when run alone)
     num_threads: int = 0  # torch CPU threads during the fit (0 = leave torch's setting)
     checkpoint_every: int = 200
     chunk: int = 65536  # points per forward pass when querying the SDF without gradients
@@ -401,7 +402,7 @@ def fit_neus(orbit: Orbit, cfg: NeuSConfig, checkpoint: str | Path | None = None
              callback: Callable[[int, dict], None] | None = None) -> NeuSModel:
     """Optimise NeuS on ``orbit``; resumes from ``checkpoint`` when it exists (and returns at once if it
     is at the final step). ``callback(step, losses)`` runs after every step (logging, tests)."""
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = NeuSModel(cfg, gen).to(device)
     optim = make_optimizer(model, cfg)
@@ -428,7 +429,7 @@ def fit_neus(orbit: Orbit, cfg: NeuSConfig, checkpoint: str | Path | None = None
 
 
 def _train(model, optim, gen, orbit, cfg, start, ckpt_path, progress, callback) -> None:
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     rays = orbit_rays(orbit)
     fields = {k: v.to(device) for k, v in dataclasses.asdict(rays).items() if v is not None}
     num = rays.origins.shape[0]

@@ -20,6 +20,7 @@ import torch
 from hi3d import cameras
 from hi3d.config import to_dict
 from hi3d.data.orbit import Orbit, concat_orbits, load_orbit, save_orbit
+from hi3d.devices import resolve_device
 from hi3d.errors import Hi3DError
 from hi3d.io import contact_sheet, save_png
 from hi3d.recon.gaussians import GaussianConfig
@@ -29,12 +30,26 @@ from hi3d.recon.neus import NeuSConfig, fit_neus, load_model
 
 @dataclasses.dataclass
 class ReconstructConfig:
+    device: str | None = None  # every stage's device unless its section sets one; None: the command's (auto alone)
     gaussians: GaussianConfig = dataclasses.field(default_factory=GaussianConfig)
     neus: NeuSConfig = dataclasses.field(default_factory=NeuSConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     turntable_views: int = 8
     turntable_resolution: int = 256
     turntable_elevation: float = 20.0  # degrees
+
+
+def resolve_devices(cfg: ReconstructConfig, inherit: torch.device | str | None = None) -> ReconstructConfig:
+    """``cfg`` with every stage's device made concrete (``cfg.device``, else ``inherit``, else auto; a section's
+    own ``device`` wins); raises ``Hi3DError`` for a device this machine lacks."""
+    top = resolve_device(cfg.device, inherit)
+    section = lambda c: dataclasses.replace(c, device=str(resolve_device(c.device, top)))
+    return dataclasses.replace(cfg, device=str(top), gaussians=section(cfg.gaussians), neus=section(cfg.neus))
+
+
+def stage_devices(cfg: ReconstructConfig) -> dict[str, str]:
+    """Device of each reconstruction stage of a ``resolve_devices`` config (the mesh is extracted on NeuS's)."""
+    return {"interpolate": cfg.gaussians.device, "neus": cfg.neus.device, "mesh": cfg.neus.device}
 
 
 def check_orbit(orbit: Orbit) -> None:
@@ -64,11 +79,13 @@ def reconstruct(orbit_dir: str | Path, out_dir: str | Path, num_interp: int, cfg
 
     if num_interp < 0:
         raise Hi3DError(f"--num-interp must be >= 0 (got {num_interp})")
+    cfg = resolve_devices(cfg)
+    devices = stage_devices(cfg)
     orbit = load_orbit(orbit_dir, load_depth=cfg.neus.depth_weight > 0, load_normal=cfg.neus.normal_weight > 0)
     check_orbit(orbit)
     out = Path(out_dir)
     rec = RunRecord(out, "reconstruct", config=cfg, seed=cfg.neus.seed, device=torch.device(cfg.neus.device))
-    rec.add(orbit_dir=str(orbit_dir), num_interp=num_interp)
+    rec.add(orbit_dir=str(orbit_dir), num_interp=num_interp, devices=devices)
     files: dict[str, Path] = {}
 
     views = orbit
@@ -76,7 +93,7 @@ def reconstruct(orbit_dir: str | Path, out_dir: str | Path, num_interp: int, cfg
         from hi3d.recon.interpolate import interpolate_views
 
         interp_dir = out / "interp"
-        with rec.stage("interpolate") as entry:
+        with rec.stage("interpolate", device=devices["interpolate"]) as entry:
             interp = _load_interp(interp_dir, num_interp)
             entry["skipped"] = interp is not None
             if interp is None:
@@ -90,7 +107,7 @@ def reconstruct(orbit_dir: str | Path, out_dir: str | Path, num_interp: int, cfg
         views = concat_orbits(orbit, interp)
 
     ckpt = out / "neus.pt"
-    with rec.stage("neus") as entry:
+    with rec.stage("neus", device=devices["neus"]) as entry:
         done = _checkpoint_step(ckpt, cfg.neus)
         entry["skipped"] = done >= cfg.neus.iterations
         entry["resumed_from_step"] = done
@@ -101,7 +118,7 @@ def reconstruct(orbit_dir: str | Path, out_dir: str | Path, num_interp: int, cfg
 
     mesh_paths = {fmt: out / f"mesh.{fmt}" for fmt in FORMATS}
     mesh = None
-    with rec.stage("mesh") as entry:
+    with rec.stage("mesh", device=devices["mesh"]) as entry:
         entry["skipped"] = all(p.is_file() for p in mesh_paths.values())
         if not entry["skipped"]:
             model, _ = load_model(ckpt, cfg.neus.device)
@@ -111,7 +128,7 @@ def reconstruct(orbit_dir: str | Path, out_dir: str | Path, num_interp: int, cfg
     files.update(mesh_paths)
 
     sheet = out / "turntable.png"
-    with rec.stage("turntable") as entry:
+    with rec.stage("turntable", device="pyrender") as entry:
         entry["skipped"] = sheet.is_file() and mesh is None
         if not entry["skipped"]:
             from hi3d.data.mesh_io import load_world_mesh
