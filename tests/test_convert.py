@@ -202,3 +202,117 @@ def test_openclip_image_tower_converts_to_transformers_clip():
     x = torch.randn(2, 3, 32, 32, generator=g)
     with torch.no_grad():
         assert torch.allclose(hf(pixel_values=x).image_embeds, oc(x), atol=1e-5)
+
+
+def tiny_midas(g: torch.Generator, size: int, dim: int, fusion: int):
+    """A tiny MiDaS DPT-Hybrid in the release's key layout: timm's hybrid ViT (ResNetV2 stem + ViT, the
+    ``vit_base_resnet50_384`` architecture at toy size) as ``pretrained.model``, random readout/neck/head tensors."""
+    from functools import partial
+
+    from timm.layers import GroupNormAct, StdConv2dSame
+    from timm.layers.hybrid_embed import HybridEmbed
+    from timm.models.resnetv2 import ResNetV2
+    from timm.models.vision_transformer import VisionTransformer
+
+    backbone = ResNetV2(layers=(1, 1, 1), channels=(16, 32, 64), num_classes=0, global_pool="", preact=False,
+                        stem_type="same", stem_chs=8, conv_layer=partial(StdConv2dSame, eps=1e-8),
+                        norm_layer=partial(GroupNormAct, num_groups=2))
+    vit = VisionTransformer(img_size=size, patch_size=1, embed_dim=dim, depth=4, num_heads=2, mlp_ratio=2.0,
+                            num_classes=10, embed_layer=partial(HybridEmbed, backbone=backbone)).eval()
+    with torch.no_grad():
+        for n, p in vit.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if "norm" in n and n.endswith("weight") else 0.0))
+    shapes = {"pretrained.act_postprocess4.4.weight": (32, 32, 3, 3), "pretrained.act_postprocess4.4.bias": (32,)}
+    for i in (3, 4):
+        shapes.update({f"pretrained.act_postprocess{i}.0.project.0.weight": (dim, 2 * dim),
+                       f"pretrained.act_postprocess{i}.0.project.0.bias": (dim,),
+                       f"pretrained.act_postprocess{i}.3.weight": (32, dim, 1, 1),
+                       f"pretrained.act_postprocess{i}.3.bias": (32,)})
+    for i, c in enumerate((16, 32, 32, 32)):
+        shapes[f"scratch.layer{i + 1}_rn.weight"] = (fusion, c, 3, 3)
+    for r in range(1, 5):
+        shapes.update({f"scratch.refinenet{r}.out_conv.weight": (fusion, fusion, 1, 1),
+                       f"scratch.refinenet{r}.out_conv.bias": (fusion,)})
+        for u in (1, 2):
+            for c in (1, 2):
+                shapes[f"scratch.refinenet{r}.resConfUnit{u}.conv{c}.weight"] = (fusion, fusion, 3, 3)
+                shapes[f"scratch.refinenet{r}.resConfUnit{u}.conv{c}.bias"] = (fusion,)
+    for i, (o, c, k) in zip((0, 2, 4), ((fusion // 2, fusion, 3), (32, fusion // 2, 3), (1, 32, 1))):
+        shapes.update({f"scratch.output_conv.{i}.weight": (o, c, k, k), f"scratch.output_conv.{i}.bias": (o,)})
+    sd = {"pretrained.model." + k: v for k, v in vit.state_dict().items()}
+    sd.update({k: torch.randn(s, generator=g) * 0.2 for k, s in shapes.items()})
+    return vit, sd
+
+
+def midas_forward(vit, w: dict, x: torch.Tensor) -> torch.Tensor:
+    """MiDaS ``DPTDepthModel.forward`` for the hybrid backbone written out in plain torch (hooks on ResNet stages
+    0, 1 and ViT blocks 2, 3 as MiDaS's ``[0, 1, 8, 11]`` at full size; ``ProjectReadout``; 4 ``FeatureFusionBlock``s;
+    ``output_conv`` with the final ReLU of ``non_negative=True``)."""
+    import torch.nn.functional as F
+
+    acts = {}
+    mods = [vit.patch_embed.backbone.stages[0], vit.patch_embed.backbone.stages[1], vit.blocks[2], vit.blocks[3]]
+    hooks = [m.register_forward_hook(lambda m, i, o, k=k: acts.__setitem__(k, o)) for k, m in enumerate(mods)]
+    vit.forward_features(x)
+    for h in hooks:
+        h.remove()
+
+    def readout(t, i):
+        p = f"pretrained.act_postprocess{i}."
+        feat = F.gelu(F.linear(torch.cat([t[:, 1:], t[:, :1].expand_as(t[:, 1:])], -1), w[p + "0.project.0.weight"],
+                               w[p + "0.project.0.bias"]))
+        n = int(feat.shape[1] ** 0.5)
+        return F.conv2d(feat.transpose(1, 2).reshape(feat.shape[0], -1, n, n), w[p + "3.weight"], w[p + "3.bias"])
+
+    l4 = F.conv2d(readout(acts[3], 4), w["pretrained.act_postprocess4.4.weight"], w["pretrained.act_postprocess4.4.bias"],
+                  stride=2, padding=1)
+    rn = [F.conv2d(f, w[f"scratch.layer{i + 1}_rn.weight"], padding=1)
+          for i, f in enumerate((acts[0], acts[1], readout(acts[2], 3), l4))]
+
+    def rcu(t, p):
+        out = F.conv2d(F.relu(t), w[p + "conv1.weight"], w[p + "conv1.bias"], padding=1)
+        return F.conv2d(F.relu(out), w[p + "conv2.weight"], w[p + "conv2.bias"], padding=1) + t
+
+    def refine(r, path, skip=None):
+        p = f"scratch.refinenet{r}."
+        out = path if skip is None else path + rcu(skip, p + "resConfUnit1.")
+        out = F.interpolate(rcu(out, p + "resConfUnit2."), scale_factor=2, mode="bilinear", align_corners=True)
+        return F.conv2d(out, w[p + "out_conv.weight"], w[p + "out_conv.bias"])
+
+    path = refine(1, refine(2, refine(3, refine(4, rn[3]), rn[2]), rn[1]), rn[0])
+    o = F.conv2d(path, w["scratch.output_conv.0.weight"], w["scratch.output_conv.0.bias"], padding=1)
+    o = F.interpolate(o, scale_factor=2, mode="bilinear", align_corners=True)
+    o = F.relu(F.conv2d(o, w["scratch.output_conv.2.weight"], w["scratch.output_conv.2.bias"], padding=1))
+    return F.relu(F.conv2d(o, w["scratch.output_conv.4.weight"], w["scratch.output_conv.4.bias"]))[:, 0]
+
+
+def test_midas_dpt_hybrid_converts_to_transformers_dpt(tmp_path):
+    """Row 3: the checkpoint's MiDaS DPT-Hybrid (``conditioner.embedders.2.model.model.*``) converted into
+    ``DPTForDepthEstimation`` with ``configs/stage2/depth.json``'s layout (tiny sizes) predicts what MiDaS's forward
+    (timm's hybrid ViT + the DPT neck in plain torch) predicts; the converted folder keeps MiDaS's [-1, 1] input."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    from hi3d.models.depth import DepthEstimator
+
+    g = torch.Generator().manual_seed(0)
+    size, dim, fusion = 64, 32, 16
+    vit, sd = tiny_midas(g, size, dim, fusion)
+    full = convert.read_config(convert_stage2.default_config_dir() / "depth.json")
+    tiny = {**full, "hidden_size": dim, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 2 * dim,
+            "image_size": size, "backbone_out_indices": [0, 1, 2, 3], "neck_hidden_sizes": [16, 32, 32, 32],
+            "fusion_hidden_size": fusion, "backbone_featmap_shape": [1, 64, size // 16, size // 16],
+            "backbone_config": {**full["backbone_config"], "depths": [1, 1, 1], "hidden_sizes": [16, 32, 64],
+                                "embedding_size": 8, "num_groups": 2}}
+    hf = DPTForDepthEstimation(DPTConfig(**tiny)).eval()
+    report = convert_state_dict({convert.DEPTH + k: v for k, v in sd.items()}, {"depth": hf}, layout=convert.Layout())
+    assert report.leftover == [] and len(report.ignored) == 2 and report.mapped == len(sd) - 2  # timm's classifier
+    x = torch.rand(2, 3, size, size, generator=g) * 2 - 1
+    with torch.no_grad():
+        ref, out = midas_forward(vit, sd, x), hf(pixel_values=x).predicted_depth
+    assert ref.shape == (2, size, size) and (ref > 0).any()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    DepthEstimator(hf).save_pretrained(tmp_path / "depth")
+    est = DepthEstimator.from_pretrained(convert_stage2.DepthConfig(pretrained=str(tmp_path / "depth"), input_size=size))
+    assert est.mean.flatten().tolist() == [0.5] * 3 and est.std.flatten().tolist() == [0.5] * 3  # [0, 1] -> [-1, 1]
+    with torch.no_grad():
+        torch.testing.assert_close(est.model(pixel_values=x).predicted_depth, ref, atol=1e-5, rtol=1e-5)

@@ -370,11 +370,11 @@ def read_config(path: Path) -> dict:
     return {k: v for k, v in json.loads(Path(path).read_text()).items() if not k.startswith("_")}
 
 
-def build_modules(config_dir: str | Path, vae_kind: str, meta: bool = True,
-                  aesthetic: bool = False) -> dict[str, torch.nn.Module]:
-    """Empty (meta-device) UNet, VAE and CLIP from ``unet.json``, ``vae.json`` (or ``vae_image_decoder.json``
-    when ``vae_kind == "image"``) and ``image_encoder.json`` in ``config_dir``; with ``aesthetic`` also the
-    aesthetic scorer's CLIP (``aesthetic_clip.json``) and MLP."""
+def build_modules(config_dir: str | Path, vae_kind: str, meta: bool = True, aesthetic: bool = False,
+                  unet_config: str | Path | None = None) -> dict[str, torch.nn.Module]:
+    """Empty (meta-device) UNet, VAE and CLIP from ``unet.json`` (or ``unet_config``), ``vae.json`` (or
+    ``vae_image_decoder.json`` when ``vae_kind == "image"``) and ``image_encoder.json`` in ``config_dir``; with
+    ``aesthetic`` also the aesthetic scorer's CLIP (``aesthetic_clip.json``) and MLP."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -384,7 +384,7 @@ def build_modules(config_dir: str | Path, vae_kind: str, meta: bool = True,
     d = Path(config_dir)
     ctx = init_empty_weights() if meta else torch.device("cpu")
     with ctx:
-        unet = UNetSpatioTemporalConditionModel.from_config(read_config(d / "unet.json"))
+        unet = UNetSpatioTemporalConditionModel.from_config(read_config(unet_config or d / "unet.json"))
         vae = (AutoencoderKL.from_config(read_config(d / "vae_image_decoder.json")) if vae_kind == "image"
                else AutoencoderKLTemporalDecoder.from_config(read_config(d / "vae.json")))
         out = {"unet": unet, "vae": vae,

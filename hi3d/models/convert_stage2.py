@@ -31,16 +31,14 @@ def build_modules(config_dir: str | Path | None, vae_kind: str, depth: bool = Tr
     """Empty stage-2 UNet (``config_dir/unet.json``) with stage 1's VAE and image encoder configs and, with
     ``depth``, the DPT-Hybrid of ``config_dir/depth.json``."""
     from accelerate import init_empty_weights
-    from diffusers import UNetSpatioTemporalConditionModel
     from transformers import DPTConfig, DPTForDepthEstimation
 
     config_dir = Path(config_dir or default_config_dir())
-    tmp = convert.build_modules(convert.default_config_dir(), vae_kind)
-    with init_empty_weights():
-        tmp["unet"] = UNetSpatioTemporalConditionModel.from_config(convert.read_config(config_dir / "unet.json"))
-        if depth:
-            tmp["depth"] = DPTForDepthEstimation(DPTConfig(**convert.read_config(config_dir / "depth.json")))
-    return tmp
+    modules = convert.build_modules(convert.default_config_dir(), vae_kind, unet_config=config_dir / "unet.json")
+    if depth:
+        with init_empty_weights():
+            modules["depth"] = DPTForDepthEstimation(DPTConfig(**convert.read_config(config_dir / "depth.json")))
+    return modules
 
 
 def convert_stage2_modules(sd: dict[str, torch.Tensor], config_dir: str | Path | None = None, use_ema: bool = False,
