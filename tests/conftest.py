@@ -29,12 +29,40 @@ def accelerate_launch_two_cpu(args: list[str], timeout: int, check: bool = True)
     return proc
 
 
+MISSING = "missing fixture: "
+MISSING_FIXTURES: set[str] = set()  # collected from test reports (in the xdist controller too), listed at the end
+
+
+def in_ci() -> bool:
+    """``CI`` set to true/1/yes: fixtures the tests need must be there (``.ci/run``, CI services set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def missing_fixture(message: str):
+    """A fixture (real mesh, shared data, installed script) is absent: skip locally, fail under ``CI=true``,
+    so CI cannot pass by skipping what it was meant to check."""
+    if in_ci():
+        pytest.fail(f"{MISSING}{message} (CI=true: a missing fixture fails)", pytrace=False)
+    pytest.skip(f"{MISSING}{message}")
+
+
 def real_object(name: str) -> Path:
-    """Path of a real mesh made by others (Debian packages installed by scripts/bootstrap.sh), or skip."""
+    """Path of a real mesh made by others (Debian packages installed by scripts/bootstrap.sh); skip if it
+    is missing (fail under ``CI=true``)."""
     path, package = REAL_OBJECTS[name]
     if not Path(path).is_file():
-        pytest.skip(f"real object {name} missing: apt-get install {package}")
+        missing_fixture(f"real object {name} ({path}) missing: apt-get install {package}")
     return Path(path)
+
+
+def shared_data(relative: str) -> Path:
+    """A file or folder of the shared read-only data (``$HI3D_SHARED``, else ``<repo>/../shared``); skip if it
+    is missing (fail under ``CI=true``)."""
+    root = Path(os.environ.get("HI3D_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
+    path = root / relative
+    if not path.exists():
+        missing_fixture(f"shared data {relative} missing under {root} (set HI3D_SHARED to the shared data folder)")
+    return path
 
 
 @pytest.fixture
@@ -61,3 +89,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu"):  # not `in item.keywords`: that holds path parts (a folder named gpu)
             item.add_marker(skip_gpu)
+
+
+def pytest_runtest_logreport(report):
+    text = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr or "")
+    if MISSING in text:
+        MISSING_FIXTURES.add(text.split(MISSING, 1)[1].split(" (CI=true")[0].strip())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if MISSING_FIXTURES:
+        verdict = "failed: CI=true" if in_ci() else "skipped; under CI=true they fail"
+        terminalreporter.section(f"missing fixtures (tests needing them {verdict})")
+        for message in sorted(MISSING_FIXTURES):
+            terminalreporter.line(message)

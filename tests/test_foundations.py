@@ -140,6 +140,8 @@ def test_cli_unknown_command_and_help(capsys):
 def test_console_script_installed():
     exe = Path(sys.executable).parent / "hi3d"
     if not exe.exists():
-        pytest.skip("hi3d console script not installed in this environment")
+        from conftest import missing_fixture
+
+        missing_fixture(f"hi3d console script ({exe}) not installed: pip install -e . (scripts/bootstrap.sh does)")
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "commands:" in out.stdout
