@@ -316,3 +316,107 @@ def test_midas_dpt_hybrid_converts_to_transformers_dpt(tmp_path):
     assert est.mean.flatten().tolist() == [0.5] * 3 and est.std.flatten().tolist() == [0.5] * 3  # [0, 1] -> [-1, 1]
     with torch.no_grad():
         torch.testing.assert_close(est.model(pixel_values=x).predicted_depth, ref, atol=1e-5, rtol=1e-5)
+
+
+def tiny_release_aesthetic(g: torch.Generator):
+    """A tiny OpenAI-CLIP ViT (QuickGELU, open_clip's implementation and key layout, 224² input as ViT-L/14) and
+    random LAION-MLP tensors, under the release's ``conditioner.embedders.1.*`` names."""
+    from open_clip.transformer import QuickGELU, VisionTransformer
+
+    oc = VisionTransformer(image_size=224, patch_size=32, width=32, layers=2, heads=2, mlp_ratio=2.0, output_dim=16,
+                           act_layer=QuickGELU).eval()
+    with torch.no_grad():
+        for p in oc.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 and p.shape[0] == 32 else 0.0))
+    widths = [16, 1024, 128, 64, 16, 1]
+    mlp = {}
+    for j, i in enumerate((0, 2, 4, 6, 7)):
+        mlp[f"layers.{i}.weight"] = torch.randn(widths[j + 1], widths[j], generator=g) / widths[j] ** 0.5
+        mlp[f"layers.{i}.bias"] = torch.randn(widths[j + 1], generator=g) * 0.1
+    sd = {convert.AES_CLIP + k: v for k, v in oc.state_dict().items()}
+    sd.update({convert.AES_MLP + k: v for k, v in mlp.items()})
+    sd["conditioner.embedders.1.aesthetic_model.ln_final.weight"] = torch.ones(8)  # text side: ignored
+    return oc, mlp, sd
+
+
+def release_aesthetic(oc, mlp: dict, x: torch.Tensor) -> torch.Tensor:
+    """vtdm AesEmbedder.forward on the middle frame ``x [B, 3, H, W]`` in [-1, 1], step by step as released
+    (torch resize and crop, per-channel CLIP normalisation, numpy L2 normalisation, the MLP as matrix products)."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    y = F.interpolate(x, [224, 384], mode="bilinear")
+    y = y[:, :, :, 80:304]
+    y = (y + 1) * 0.5
+    y[:, 0] = (y[:, 0] - 0.48145466) / 0.26862954
+    y[:, 1] = (y[:, 1] - 0.4578275) / 0.26130258
+    y[:, 2] = (y[:, 2] - 0.40821073) / 0.27577711
+    with torch.no_grad():
+        a = oc(y).double().numpy()
+    l2 = np.atleast_1d(np.linalg.norm(a, 2, -1))
+    l2[l2 == 0] = 1
+    h = a / np.expand_dims(l2, -1)
+    for i in (0, 2, 4, 6, 7):
+        h = h @ mlp[f"layers.{i}.weight"].double().numpy().T + mlp[f"layers.{i}.bias"].double().numpy()
+    return torch.from_numpy(h[:, 0]).float()
+
+
+@pytest.fixture(scope="module")
+def aesthetic():
+    """The tiny release aesthetic embedder and its conversion into ``AestheticScorer``."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from hi3d.models.aesthetic import AestheticMLP, AestheticScorer
+
+    oc, mlp, sd = tiny_release_aesthetic(torch.Generator().manual_seed(3))
+    full = convert.read_config(default_config_dir() / "aesthetic_clip.json")
+    hf = CLIPVisionModelWithProjection(CLIPVisionConfig(**{**full, "hidden_size": 32, "intermediate_size": 64,
+                                                           "projection_dim": 16, "num_hidden_layers": 2,
+                                                           "num_attention_heads": 2, "patch_size": 32})).eval()
+    modules = {"aesthetic_clip": hf, "aesthetic_mlp": AestheticMLP(16)}
+    report = convert_state_dict(sd, modules, layout=convert.Layout())
+    return oc, mlp, report, AestheticScorer(hf, modules["aesthetic_mlp"].eval())
+
+
+def test_aesthetic_scorer_is_the_releases_clip_and_laion_mlp(aesthetic):
+    """Row 5: the release's aesthetic CLIP (open_clip layout, QuickGELU as OpenAI's ViT-L/14) converted to
+    transformers gives open_clip's embedding, and the score equals AesEmbedder's computation written out."""
+    oc, mlp, report, scorer = aesthetic
+    assert report.leftover == [] and list(report.ignored) == ["conditioner.embedders.1.aesthetic_model.ln_final.weight"]
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(3, 3, 48, 40, generator=g) * 2 - 1  # any input size: the release squeezes it to 224 × 384
+    pix = scorer.preprocess(x)
+    with torch.no_grad():
+        torch.testing.assert_close(scorer.clip(pixel_values=pix).image_embeds, oc(pix), atol=1e-5, rtol=1e-5)
+    ref = release_aesthetic(oc, mlp, x.clone())
+    assert ref.std() > 1e-3  # the inputs score differently
+    torch.testing.assert_close(scorer(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_orbit_pipeline_scores_each_input_and_keeps_a_fixed_option(aesthetic, tmp_path):
+    """The stage-1 pipeline's aesthetic slot is the scorer's value of its input image (a fixed constant equal to it
+    gives the same frames, another constant different ones); ``aesthetic=fixed`` uses ``constant_value``; the
+    scorer is saved in ``aesthetic/`` and loaded back."""
+    import dataclasses
+
+    from hi3d.models.stage1 import Stage1Config, TinyConfig, tiny_components
+    from hi3d.pipelines.orbit import OrbitPipeline
+
+    scorer = aesthetic[3]
+    cfg = Stage1Config(num_frames=2, resolution=32, num_inference_steps=2, tiny=TinyConfig(enabled=True),
+                       slots=["aesthetic", "elevation", "noise_aug"], constant_value=5.0)
+    pipe = OrbitPipeline.from_components(dataclasses.replace(tiny_components(cfg), aesthetic=scorer), cfg)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    score = float(scorer(image * 2 - 1)[0])
+    run = lambda p: p.generate(image, 10.0, [torch.Generator().manual_seed(0)])  # noqa: E731
+    frames = run(pipe)
+    fixed = lambda v: OrbitPipeline.from_components(pipe.components, dataclasses.replace(cfg, aesthetic="fixed",  # noqa: E731
+                                                                                         constant_value=v))
+    torch.testing.assert_close(run(fixed(score)), frames, atol=1e-5, rtol=0)
+    assert (run(fixed(score + 3.0)) - frames).abs().max() > 1e-4
+    pipe.save_pretrained(tmp_path / "stage1")
+    loaded = OrbitPipeline.from_pretrained(tmp_path / "stage1")
+    assert loaded.aesthetic is not None and loaded.config.aesthetic == "predictor"
+    torch.testing.assert_close(loaded.aesthetic_score(image * 2 - 1), torch.tensor([score]), atol=1e-6, rtol=0)
+    with pytest.raises(Hi3DError, match="aesthetic='bogus' is not one of"):
+        OrbitPipeline.from_pretrained(tmp_path / "stage1", aesthetic="bogus").aesthetic_score(image)

@@ -444,11 +444,11 @@ def convert_stage1(checkpoint: str | Path, out: str | Path, config_dir: str | Pa
     fe_path = config_dir / "feature_extractor.json"
     fe_cfg = read_config(fe_path) if fe_path.is_file() else {}
     unet = modules["unet"]
-    # the release's first slot is an aesthetic score (LAION predictor on the input); a fixed score stands in
+    # the release's first slot: the aesthetic score of each input (aesthetic/); aesthetic_score when fixed or absent
     cfg = Stage1Config(num_frames=unet.config.num_frames, resolution=8 * (unet.config.sample_size or 64),
                        slots=["aesthetic", "elevation", "noise_aug"], constant_value=aesthetic_score)
-    aesthetic = AestheticScorer(modules["aesthetic_clip"], modules["aesthetic_mlp"]) if "aesthetic_clip" in modules \
-        else None
+    aesthetic = (AestheticScorer(modules["aesthetic_clip"].eval(), modules["aesthetic_mlp"].eval())
+                 if "aesthetic_clip" in modules else None)
     components = Stage1Components(unet, modules["vae"], modules["image_encoder"].eval(), CLIPImageProcessor(**fe_cfg),
                                   aesthetic)
     save_stage_folder(out, vars(components), cfg)
@@ -482,8 +482,9 @@ def cli(argv: list[str] | None = None) -> int:
                     "the checkpoint has none, as the released ones)")
     ap.add_argument("--unsafe-pickle", action="store_true", help="allow full pickle loading (trusted files only)")
     ap.add_argument("--allow-leftover", action="store_true", help="do not fail on unconverted tensors")
-    ap.add_argument("--aesthetic-score", type=float, default=5.0, help="value of the release's aesthetic slot "
-                    "(stored as constant_value in hi3d_pipeline.json; change it there later)")
+    ap.add_argument("--aesthetic-score", type=float, default=5.0, help="fixed value of the release's aesthetic slot, "
+                    "used with aesthetic=fixed or when the checkpoint has no aesthetic scorer (stored as constant_value "
+                    "in hi3d_pipeline.json); by default each input is scored by the converted aesthetic/ predictor")
     args = ap.parse_args(argv)
     out = Path(args.out)
     rec = RunRecord(out, "convert_checkpoint", config=vars(args), seed=None, device=torch.device("cpu"))

@@ -78,6 +78,10 @@ class Stage1Config(VideoDiffusionConfig):
     """Model, objective and sampling settings of stage 1 (paper values by default)."""
     time_ids_init: str = "keep"  # from SVD: "keep" its 3-slot projection (release) or "by_name" (new slots = 0)
     object_fill: float = 0.75  # preprocessing: longer side of the object's box / image side
+    aesthetic: str = "predictor"
+    """Value of an ``"aesthetic"`` slot: ``predictor`` (the release: the score of each input image by the folder's
+    ``aesthetic/`` CLIP ViT-L/14 + LAION MLP, ``hi3d.models.aesthetic``; ``constant_value`` when the folder has
+    none) | ``fixed`` (``constant_value`` for every input)."""
 
 
 @dataclasses.dataclass
@@ -165,7 +169,12 @@ def load_stage1(folder: str | Path | None, cfg: Stage1Config = Stage1Config(), t
     adapt_added_time_projection(unet, source_slots, cfg.slots, cfg.time_ids_init)
     install_slot_projection(unet, cfg.slots)
     match_sgm_norm_eps(unet)
-    return Stage1Components(unet, vae, image_encoder.eval(), fe)
+    aesthetic = None
+    if (folder / "aesthetic").is_dir():  # written by the checkpoint converter: the release's aesthetic scorer
+        from hi3d.models.aesthetic import AestheticScorer
+
+        aesthetic = AestheticScorer.from_pretrained(folder / "aesthetic", torch_dtype=torch_dtype)
+    return Stage1Components(unet, vae, image_encoder.eval(), fe, aesthetic)
 
 
 def build_components(cfg: Stage1Config) -> Stage1Components:

@@ -66,10 +66,12 @@ class OrbitPipeline(VideoDiffusionPipeline):
 
     def aesthetic_score(self, x_m11: torch.Tensor) -> torch.Tensor:
         """Value of the ``"aesthetic"``/``"constant"`` slot for input images ``[B, 3, H, W]`` in [-1, 1]: the
-        aesthetic predictor's score when there is one and the layout has an ``"aesthetic"`` slot, else the
-        configured ``constant_value``. ``[B]``."""
+        aesthetic predictor's score when there is one, the layout has an ``"aesthetic"`` slot and
+        ``config.aesthetic == "predictor"``, else the configured ``constant_value``. ``[B]``."""
         B = x_m11.shape[0]
-        if self.aesthetic is None or "aesthetic" not in self.config.slots:
+        if self.config.aesthetic not in ("predictor", "fixed"):
+            raise Hi3DError(f"aesthetic='{self.config.aesthetic}' is not one of: predictor, fixed")
+        if self.aesthetic is None or "aesthetic" not in self.config.slots or self.config.aesthetic == "fixed":
             return torch.full((B,), float(self.config.constant_value), device=x_m11.device)
         return self.aesthetic(x_m11).reshape(B).to(x_m11.device, torch.float32)
 
