@@ -28,14 +28,15 @@ def test_packing_unshuffle_and_resize():
     cfg = DepthConfig(packing="unshuffle")
     packed = pack_depth(d, (16, 16), cfg)
     assert packed.shape == (2, 9, 16, 16) and depth_channels(cfg) == 9
-    # pixel-unshuffle keeps every value of the 3h x 3w map: shuffling back gives the map in [-1, 1]
-    torch.testing.assert_close(F.pixel_shuffle(packed, 3)[:, 0], d * 2 - 1)
+    # pixel-unshuffle keeps every value of the 3h x 3w map: shuffling back gives the map normalised to [0, 1]
+    torch.testing.assert_close(F.pixel_shuffle(packed, 3)[:, 0], normalise_per_frame(d))
     flat = pack_depth(d, (16, 16), DepthConfig(packing="resize"))
     assert flat.shape == (2, 1, 16, 16)
-    ramp = ((torch.arange(48) + 0.5) / 48).expand(1, 48, 48)  # linear in x: resizing keeps it linear
+    # a ramp linear in x, shrunk 3x bilinearly without antialias: samples at 3i + 1 (half-pixel centres), then
+    # min-max normalised: exactly i / 15
+    ramp = ((torch.arange(48) + 0.5) / 48).expand(1, 48, 48) * 5 + 2
     small = pack_depth(ramp, (16, 16), DepthConfig(packing="resize"))[0, 0]
-    expect = (3 * torch.arange(16) + 1.5) / 48 * 2 - 1
-    torch.testing.assert_close(small[:, 1:-1], expect[1:-1].expand(16, 14), atol=1e-5, rtol=0)
+    torch.testing.assert_close(small, (torch.arange(16) / 15).expand(16, 16), atol=1e-6, rtol=0)
     with pytest.raises(Hi3DError, match="packing"):
         pack_depth(d, (16, 16), DepthConfig(packing="bogus"))
 
@@ -46,10 +47,11 @@ def test_tiny_dpt_estimator_shapes_range_and_per_frame(hybrid):
     frames = torch.rand(2, 3, 3, 40, 40, generator=torch.Generator().manual_seed(2))
     out = est(frames, (10, 10))
     assert out.shape == (2, 3, 9, 10, 10)
-    assert out.min() >= -1 - 1e-6 and out.max() <= 1 + 1e-6
-    # each frame normalised on its own: reaches -1 and 1 in every frame (before packing's resize)
+    assert out.min() >= 0 and out.max() <= 1
+    # each frame normalised on its own (after the resize to the packing grid): spans [0, 1] in every frame
     full = F.pixel_shuffle(out.flatten(0, 1), 3)
-    assert (full.flatten(1).max(1).values > 0.5).all() and (full.flatten(1).min(1).values < -0.5).all()
+    torch.testing.assert_close(full.flatten(1).max(1).values, torch.ones(6))
+    torch.testing.assert_close(full.flatten(1).min(1).values, torch.zeros(6))
     # a frame's depth does not depend on the other frames
     torch.testing.assert_close(est(frames[:1, 1:2], (10, 10))[0, 0], out[0, 1], atol=1e-5, rtol=0)
 

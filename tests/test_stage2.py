@@ -211,6 +211,11 @@ def test_stage2_configs_give_the_paper_recipe(capsys, orbit_dataset):
     assert t.mixed_precision == "bf16" and t.gradient_checkpointing and not m.tiny.enabled
     assert m.slots == ["elevation", "noise_aug"] and in_channels(m) == 17 and m.degradation.degrade_size == 256
     assert (m.min_guidance, m.max_guidance, m.num_inference_steps) == (1.0, 2.0, 25)
+    # release.yaml: the release's train-v02.yaml where it disagrees with the paper, the same model otherwise
+    release = load_config(script.Stage2TrainConfig, ROOT / "configs/stage2/release.yaml")
+    r = release.train
+    assert (r.lr, r.mixed_precision, r.ema_decay, r.warmup_steps, r.batch_size) == (1e-5, "fp16", 0.0, 0, 1)
+    assert release.model == m and release.data == paper.data
     tiny = load_config(script.Stage2TrainConfig, ROOT / "configs/stage2/tiny_cpu.yaml")
     assert tiny.model.tiny.enabled and tiny.model.resolution <= 64
     cfg_path = str(ROOT / "configs/stage2/tiny_cpu.yaml")

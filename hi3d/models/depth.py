@@ -2,12 +2,14 @@
 
 ``DepthEstimator`` wraps a transformers depth model (``DPTForDepthEstimation``, the MiDaS DPT-Hybrid
 architecture, or Depth Anything through ``AutoModelForDepthEstimation``) loaded from a local folder only.
-Output per frame: relative depth (MiDaS predicts inverse depth: near = large) min-max normalised to
-[0, 1] per frame, then mapped to [-1, 1], then packed to the latent grid ``h × w``:
+As the release's ``DepthEmbedder`` (``vtdm/encoders.py``): frames resized bilinearly without antialias (and
+not clamped) to ``input_size`` (the release's int(H / 2.6666 / 32)·32 = 384 for 1024² frames), the model's
+relative depth (MiDaS predicts inverse depth: near = large) resized bilinearly to the packing grid, min-max
+normalised per frame into [0, 1], then packed to the latent grid ``h × w``:
 
-- ``"unshuffle"`` (released Hi3D): resize to ``3h × 3w`` (384² for 1024² frames), pixel-unshuffle 3×3
+- ``"unshuffle"`` (released Hi3D): map at ``3h × 3w`` (384² for 1024² frames), pixel-unshuffle 3×3
   -> 9 channels at ``h × w``;
-- ``"resize"``: bilinear resize to ``h × w``, 1 channel.
+- ``"resize"``: map at ``h × w``, 1 channel.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class DepthConfig:
     kind: str = "dpt"
     """dpt (MiDaS DPT-Hybrid, the paper's) | depth_anything — only names what to download in errors."""
     input_size: int = 384
-    """Frames are resized to this square size for the depth model (DPT-Hybrid: 384)."""
+    """Frames are resized to this square size for the depth model (DPT-Hybrid: 384; the release takes
+    int(H / 2.6666 / 32)·32 of the frame size H, 384 at the paper's 1024)."""
     packing: str = "unshuffle"
     """unshuffle (3x3 pixel-unshuffle -> 9 channels, released) | resize (1 channel)."""
     unshuffle: int = 3
@@ -53,16 +56,14 @@ def normalise_per_frame(depth: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (depth - lo) / (hi - lo).clamp(min=eps)
 
 
-def pack_depth(depth01: torch.Tensor, latent_hw: tuple[int, int], cfg: DepthConfig) -> torch.Tensor:
-    """``depth01 [N, H, W]`` in [0, 1] -> ``[N, depth_channels, h, w]`` in [-1, 1]."""
+def pack_depth(depth: torch.Tensor, latent_hw: tuple[int, int], cfg: DepthConfig) -> torch.Tensor:
+    """Raw depth maps ``[N, H, W]`` -> ``[N, depth_channels, h, w]`` in [0, 1]: bilinear resize (no antialias) to
+    ``(r·h, r·w)`` (r = ``unshuffle``; 1 for ``"resize"``), min-max normalisation per map, pixel-unshuffle r×r."""
     h, w = latent_hw
-    d = depth01[:, None] * 2 - 1
-    if cfg.packing == "unshuffle":
-        r = cfg.unshuffle
-        d = F.interpolate(d, size=(h * r, w * r), mode="bilinear", align_corners=False, antialias=True)
-        return F.pixel_unshuffle(d, r)
-    depth_channels(cfg)
-    return F.interpolate(d, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    r = cfg.unshuffle if depth_channels(cfg) > 1 else 1
+    d = F.interpolate(depth[:, None].float(), size=(h * r, w * r), mode="bilinear", align_corners=False)
+    d = normalise_per_frame(d[:, 0])[:, None]
+    return F.pixel_unshuffle(d, r) if r > 1 else d
 
 
 def missing_depth_error(folder, kind: str, what: str) -> Hi3DError:
@@ -119,26 +120,24 @@ class DepthEstimator(torch.nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-        """Raw model output for ``images [N, 3, H, W]`` in [0, 1]: ``[N, s, s]`` at ``input_size`` s."""
+        """Raw model output ``[N, H', W']`` for ``images [N, 3, H, W]`` nominally in [0, 1] (noise-augmented frames
+        may leave it; not clamped), resized bilinearly without antialias to ``input_size`` s."""
         p = next(self.model.parameters())
         s = self.cfg.input_size
         out = []
         for i in range(0, images.shape[0], chunk):
             x = images[i:i + chunk].to(p.device, torch.float32)
-            x = F.interpolate(x, size=(s, s), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+            if x.shape[-2:] != (s, s):
+                x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
             x = ((x - self.mean.to(x.device)) / self.std.to(x.device)).to(p.dtype)
-            d = self.model(pixel_values=x).predicted_depth.float()
-            if d.shape[-2:] != (s, s):
-                d = F.interpolate(d[:, None], size=(s, s), mode="bilinear", align_corners=False)[:, 0]
-            out.append(d)
+            out.append(self.model(pixel_values=x).predicted_depth.float())
         return torch.cat(out)
 
     @torch.no_grad()
     def forward(self, frames: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
-        """``frames [B, F, 3, H, W]`` in [0, 1] -> packed depth ``[B, F, channels, h, w]`` in [-1, 1]."""
+        """``frames [B, F, 3, H, W]`` in [0, 1] -> packed depth ``[B, F, channels, h, w]`` in [0, 1]."""
         B, Fr = frames.shape[:2]
-        d = normalise_per_frame(self.predict(frames.flatten(0, 1)))
-        return pack_depth(d, latent_hw, self.cfg).unflatten(0, (B, Fr))
+        return pack_depth(self.predict(frames.flatten(0, 1)), latent_hw, self.cfg).unflatten(0, (B, Fr))
 
 
 def tiny_depth_estimator(cfg: DepthConfig = DepthConfig(input_size=32), seed: int = 0,

@@ -29,18 +29,49 @@ def randn(shape, generator: torch.Generator | None, device, dtype=torch.float32)
     return torch.randn(shape, generator=generator, device=gdev, dtype=torch.float32).to(device, dtype)
 
 
+def gaussian_blur(x: torch.Tensor, kernel: tuple[int, int], sigma: tuple[float, float]) -> torch.Tensor:
+    """Separable Gaussian blur of ``x [N, C, H, W]`` (odd kernel sizes, taps exp(−n²/2σ²) normalised to 1,
+    reflect padding)."""
+    N, C, H, W = x.shape
+    y = x.reshape(N * C, 1, H, W)
+    for axis, (k, s) in enumerate(zip(kernel, sigma)):
+        if k == 1:
+            continue
+        n = torch.arange(k, dtype=torch.float32, device=x.device) - k // 2
+        taps = torch.exp(-n ** 2 / (2 * s ** 2))
+        taps = (taps / taps.sum()).to(x.dtype)
+        shape, pad = ((1, 1, k, 1), (0, 0, k // 2, k // 2)) if axis == 0 else ((1, 1, 1, k), (k // 2, k // 2, 0, 0))
+        y = F.conv2d(F.pad(y, pad, mode="reflect"), taps.view(shape))
+    return y.reshape(N, C, H, W)
+
+
+def clip_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """sgm's CLIP resize, kornia's ``resize(x, size, "bicubic", align_corners=True, antialias=True)``: when
+    shrinking, a Gaussian blur first (σ = max((factor − 1)/2, 0.001) per axis, kernel int(max(4σ, 3)) made odd),
+    then bicubic interpolation with aligned corners. ``x [N, C, H, W]``; not clamped."""
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(size):
+        return x
+    factors = (h / size[0], w / size[1])
+    if max(factors) > 1:
+        sigma = tuple(max((f - 1.0) / 2.0, 0.001) for f in factors)
+        kernel = tuple(1 if n == 1 else (k if k % 2 else k + 1)
+                       for n, k in zip((h, w), (int(max(4.0 * s, 3)) for s in sigma)))
+        x = gaussian_blur(x, kernel, sigma)
+    return F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=True)
+
+
 def clip_embed(image_encoder, feature_extractor, image: torch.Tensor) -> torch.Tensor:
     """CLIP image embedding for cross-attention: ``image [B, 3, H, W]`` in [-1, 1] -> ``[B, 1, D]``.
 
-    As SVD (sgm ``FrozenOpenCLIPImageEmbedder``): antialiased bicubic resize to the encoder's input size,
-    then CLIP mean/std normalisation (from ``feature_extractor``), no crop.
+    As SVD and the Hi3D release (sgm ``FrozenOpenCLIPImageEmbedder``): kornia's antialiased bicubic resize to
+    the encoder's input size (``clip_resize``), [-1, 1] -> [0, 1] without clamping, CLIP mean/std
+    normalisation (from ``feature_extractor``), no crop.
     """
     device, dtype = module_device_dtype(image_encoder)
     size = image_encoder.config.image_size
-    x = image.to(device, torch.float32)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, (size, size), mode="bicubic", align_corners=True, antialias=True)
-    x = ((x + 1.0) / 2.0).clamp(0, 1)
+    x = clip_resize(image.to(device, torch.float32), (size, size))
+    x = (x + 1.0) / 2.0
     mean = torch.tensor(feature_extractor.image_mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(feature_extractor.image_std, device=device).view(1, 3, 1, 1)
     x = ((x - mean) / std).to(dtype)
