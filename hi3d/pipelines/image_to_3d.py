@@ -5,6 +5,7 @@
 
 ```
 input.png            the input as RGBA (object mask in alpha); text inputs: the generated image too
+input_framed.png     the input as stage 1 sees it (framed on white): stage 2's frame 0, as in the release
 stage1/              orbit folder: 16 frames at the stage-1 resolution (alpha from the white background)
 depth/NNN.png        per-frame min-max normalised depth of the stage-1 frames (stage 2's condition)
 stage2/              orbit folder: refined frames at the stage-2 resolution (or bicubic / stage-1 copies)
@@ -122,8 +123,10 @@ class ImageTo3D:
                 low_memory=self.cfg.low_memory, use_depth=self.cfg.use_depth)
         return self._stage2
 
-    def _stage1_orbit(self, rgba: torch.Tensor, elevation: float, seed: int) -> Orbit:
+    def _stage1_orbit(self, rgba: torch.Tensor, elevation: float, seed: int, out: Path) -> Orbit:
         result = self.stage1(rgba, elevation, seeds=[seed], num_inference_steps=self.cfg.stage1_steps)
+        if not (out / "input_framed.png").is_file():
+            save_png(out / "input_framed.png", result.image.permute(1, 2, 0))
         orbit = result.to_orbit(0)
         orbit.rgba = white_background_rgba(result.frames[0], self.cfg.background_threshold)
         orbit.source = ["generated"] * len(orbit)
@@ -142,7 +145,7 @@ class ImageTo3D:
         def probe(k: int, elevation: float) -> torch.Tensor:
             orbit = _orbit_done(probes / f"round_{k}")
             if orbit is None or float(orbit.elevation_deg[0]) != elevation:
-                orbit = self._stage1_orbit(rgba, elevation, seed)
+                orbit = self._stage1_orbit(rgba, elevation, seed, out)
                 save_orbit(orbit, probes / f"round_{k}")
             return orbit.rgba
 
@@ -177,7 +180,7 @@ class ImageTo3D:
                 if elevation.get("probe_seed") == seed and not elevation.get("rerun_stage1", True) and probe:
                     s1 = _orbit_done(Path(probe))
                 entry["from_probe"] = s1 is not None
-                s1 = s1 or self._stage1_orbit(rgba, float(elevation["elevation"]), seed)
+                s1 = s1 or self._stage1_orbit(rgba, float(elevation["elevation"]), seed, out)
                 save_orbit(s1, out / "stage1")
         files["stage1"] = out / "stage1"
         if stop == 0:
@@ -240,7 +243,10 @@ class ImageTo3D:
                         depth = normalise_per_frame(pipe.depth.predict(frames.to(self.device)).cpu())
                     for i, d in enumerate(depth):
                         save_png(out / "depth" / f"{i:03d}.png", d[..., None])
-                refined = pipe(frames, float(s1.elevation_deg[0]), seed=seed, num_inference_steps=cfg.stage2_steps)
+                framed = out / "input_framed.png"  # stage 1 keeps its sampled frame 0; stage 2 pastes the input
+                image = load_png(framed)[..., :3].permute(2, 0, 1) if framed.is_file() else None
+                refined = pipe(frames, float(s1.elevation_deg[0]), image=image, seed=seed,
+                               num_inference_steps=cfg.stage2_steps)
         rgba = white_background_rgba(refined, cfg.background_threshold)
         K = s1.K.clone()
         K[:, :2] *= scale

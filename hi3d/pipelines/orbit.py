@@ -27,7 +27,8 @@ from hi3d.pipelines.preprocess import frame_object
 
 @dataclasses.dataclass
 class OrbitOutput:
-    """frames ``[S, F, 3, H, W]`` float32 in [0, 1] (S samples, frame 0 = ``image``); image ``[3, H, W]``
+    """frames ``[S, F, 3, H, W]`` float32 in [0, 1] (S samples; frame 0 sampled, or ``image`` with
+    ``replace_first_frame``); image ``[3, H, W]``
     the preprocessed input; c2w ``[F, 4, 4]``, K ``[3, 3]`` float64 (hi3d.cameras convention, r = 1.5,
     FOV 49.1°); azimuth_deg, elevation_deg ``[F]``."""
     frames: torch.Tensor
