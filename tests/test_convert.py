@@ -420,3 +420,56 @@ def test_orbit_pipeline_scores_each_input_and_keeps_a_fixed_option(aesthetic, tm
     torch.testing.assert_close(loaded.aesthetic_score(image * 2 - 1), torch.tensor([score]), atol=1e-6, rtol=0)
     with pytest.raises(Hi3DError, match="aesthetic='bogus' is not one of"):
         OrbitPipeline.from_pretrained(tmp_path / "stage1", aesthetic="bogus").aesthetic_score(image)
+
+
+def random_sgm_state_dict(modules: dict, g: torch.Generator, dtype=torch.float16) -> dict:
+    """Random tensors under every sgm name the tables give for ``modules`` (fused q/k/v as one tensor, sgm's
+    4-d VAE attention weights, OpenCLIP's transposed projection): a tiny stand-in checkpoint for the CLI."""
+    shapes: dict[str, list[int]] = {}
+    layout = layout_of(modules["unet"], modules["vae"])
+    for target, (src, op) in key_map(modules, layout).items():
+        name, key = target.split(".", 1)
+        s = list(modules[name].state_dict()[key].shape)
+        s = {"squeeze_1x1": s + [1, 1], "transpose": s[::-1], "q": [3 * s[0], *s[1:]]}.get(op, s)
+        if op not in ("k", "v"):
+            shapes[src] = s
+    return {k: (torch.randn(s, generator=g) * 0.1).to(dtype) for k, s in shapes.items()}
+
+
+def test_cli_converts_a_deepspeed_float16_stage1_file_into_a_loadable_folder(tmp_path, aesthetic):
+    """scripts/convert_checkpoint.py's stage-1 path on a tiny DeepSpeed float16 file (tiny configs in --config-dir):
+    the folder loads with OrbitPipeline, tensors land where the sgm names say, the aesthetic scorer comes along,
+    and run.json lists what was ignored and why."""
+    import json
+
+    from hi3d.models.stage1 import Stage1Config, TinyConfig, tiny_components
+    from hi3d.pipelines.orbit import OrbitPipeline
+
+    c = tiny_components(Stage1Config(num_frames=2, tiny=TinyConfig(enabled=True)))
+    scorer = aesthetic[3]
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    for name, conf in {"unet.json": dict(c.unet.config), "vae.json": dict(c.vae.config),
+                       "image_encoder.json": c.image_encoder.config.to_dict(),
+                       "aesthetic_clip.json": scorer.clip.config.to_dict()}.items():
+        (cfg_dir / name).write_text(json.dumps(conf, default=list))
+    (cfg_dir / "feature_extractor.json").write_text(json.dumps(c.feature_extractor.to_dict()))
+    modules = build_modules(cfg_dir, "video", aesthetic=True)
+    sd = random_sgm_state_dict(modules, torch.Generator().manual_seed(6))
+    sd["conditioner.embedders.0.open_clip.model.token_embedding.weight"] = torch.zeros(4, 2, dtype=torch.float16)
+    torch.save(deepspeed_file(sd), tmp_path / "first_stage.pt")
+    out = tmp_path / "stage1"
+    assert convert.cli([str(tmp_path / "first_stage.pt"), "--out", str(out), "--config-dir", str(cfg_dir)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    entry = json.dumps(run)
+    assert "text side of the OpenCLIP" in entry and '"leftover": []' in entry
+    pipe = OrbitPipeline.from_pretrained(out)
+    assert pipe.config.slots == ["aesthetic", "elevation", "noise_aug"] and pipe.aesthetic is not None
+    f = lambda t: t.detach().float()  # noqa: E731
+    assert torch.equal(f(pipe.unet.conv_in.weight), f(sd["model.diffusion_model.input_blocks.0.0.weight"]))
+    q = sd[convert.CLIP + "transformer.resblocks.1.attn.in_proj_weight"].chunk(3)[0]
+    assert torch.equal(f(pipe.image_encoder.vision_model.encoder.layers[1].self_attn.q_proj.weight), f(q))
+    assert torch.equal(f(pipe.aesthetic.mlp.layers[7].weight), f(sd[convert.AES_MLP + "layers.7.weight"]))
+    assert torch.equal(f(pipe.aesthetic.clip.visual_projection.weight), f(sd[convert.AES_CLIP + "proj"]).t())
+    with pytest.raises(Hi3DError, match="no EMA weights"):
+        convert.cli([str(tmp_path / "first_stage.pt"), "--out", str(tmp_path / "x"), "--config-dir", str(cfg_dir), "--ema"])
