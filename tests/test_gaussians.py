@@ -95,7 +95,8 @@ def test_fit_is_seeded_and_overfits_the_views(bunny_orbit):
 
     p0, s0 = quality(init)
     p1, s1 = quality(a)
-    assert p1 > p0 + 5 and p1 > 20 and s1 > s0 + 0.3, (p0, p1, s0, s1)
+    # with the D-SSIM term differentiable, 40-px views fit to ~19.7 dB (L1 alone: ~21.0)
+    assert p1 > p0 + 5 and p1 > 19 and s1 > s0 + 0.3, (p0, p1, s0, s1)
 
 
 def test_resume_equals_uninterrupted(bunny_orbit, tmp_path):

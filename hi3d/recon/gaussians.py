@@ -28,6 +28,7 @@ from hi3d.devices import resolve_device
 from hi3d.errors import Hi3DError
 from hi3d.io import atomic_path
 from hi3d.recon.hull import carve
+from hi3d.recon.losses import ssim
 from hi3d.recon.rasterize import Rendered, quat_to_rotmat, rasterize
 
 SH_C0 = 0.28209479177387814
@@ -308,8 +309,6 @@ def fit_gaussians(orbit: Orbit, cfg: GaussianConfig, checkpoint: str | Path | No
 def _fit(orbit, cfg, checkpoint, checkpoint_every) -> GaussianModel:
     from tqdm import tqdm
 
-    from hi3d.eval.metrics import ssim
-
     device = resolve_device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
     extent = scene_extent(orbit.c2w)
@@ -332,10 +331,7 @@ def _fit(orbit, cfg, checkpoint, checkpoint_every) -> GaussianModel:
         out = model.render(orbit.c2w[i], K[i], W, H, tile_size=cfg.tile_size, chunk_elements=cfg.chunk_elements) \
             if device.type == "cpu" else model.render(orbit.c2w[i], K[i], W, H)
         out.info["means2d"].retain_grad()
-        l1 = (out.rgb - rgb[i]).abs().mean()
-        loss = (1 - cfg.ssim_lambda) * l1 + cfg.ssim_lambda * (1 - ssim(out.rgb[None], rgb[i][None])[0])
-        if cfg.mask_weight > 0:
-            loss = loss + cfg.mask_weight * (out.alpha - alpha[i]).abs().mean()
+        loss = view_loss(out, rgb[i], alpha[i], cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         densifier.accumulate(out.info, len(model))
@@ -347,6 +343,17 @@ def _fit(orbit, cfg, checkpoint, checkpoint_every) -> GaussianModel:
             _save_checkpoint(checkpoint, step + 1, model, opt, densifier, gen)
     bar.close()
     return model
+
+
+def view_loss(out: Rendered, rgb: torch.Tensor, alpha: torch.Tensor, cfg: GaussianConfig) -> torch.Tensor:
+    """3DGS loss of one rendered view against ``rgb [H, W, 3]`` (on white) and ``alpha [H, W]``:
+    ``(1 - λ) L1 + λ (1 - SSIM)`` (λ = ``ssim_lambda``, SSIM differentiable) + ``mask_weight`` L1 on alpha."""
+    loss = (1 - cfg.ssim_lambda) * (out.rgb - rgb).abs().mean()
+    if cfg.ssim_lambda > 0:
+        loss = loss + cfg.ssim_lambda * (1 - ssim(out.rgb, rgb)[0])
+    if cfg.mask_weight > 0:
+        loss = loss + cfg.mask_weight * (out.alpha - alpha).abs().mean()
+    return loss
 
 
 def _view_order(seed: int, epoch: int, n: int) -> list[int]:
