@@ -139,6 +139,19 @@ def test_refine_pipeline_shapes_seeds_low_memory_and_roundtrip(comps, tmp_path):
         RefinePipeline.from_components(comps, tiny_cfg(start="sdedit")).refine(frames, 0.0, strength=0.0)
 
 
+def test_refine_each_video_from_its_own_generator(comps):
+    """Per-video generators: video b's refinement depends on its generator only — all of its noise (condition
+    augmentation, posterior sample, ε₀), not the first video's generator."""
+    pipe = RefinePipeline.from_components(comps, tiny_cfg(num_inference_steps=2))
+    frames = (batch(B=2, size=16)["frames"] + 1) / 2
+    gens = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
+    both = pipe.refine(frames, torch.tensor([10.0, 20.0]), generator=gens)
+    alone = pipe.refine(frames[1:], torch.tensor([20.0]), generator=[torch.Generator().manual_seed(4)])
+    torch.testing.assert_close(both[1:], alone, atol=2e-4, rtol=0)
+    other = pipe.refine(frames[1:], torch.tensor([20.0]), generator=[torch.Generator().manual_seed(3)])
+    assert (other[:, 1:] - alone[:, 1:]).abs().max() > 1e-3  # the seed matters
+
+
 def test_strength_controls_how_far_from_the_stage1_frames(comps):
     frames = (batch(B=1, size=32)["frames"] + 1) / 2
     dist = []
