@@ -124,15 +124,16 @@ def test_ema_requested_but_absent_is_one_clear_error(meta_unet):
     assert "\n" not in str(e.value)
 
 
-def test_leftover_and_missing_tensors_are_reported():
-    sd = meta_state_dict(keys_or_skip(2))
+def test_leftover_and_missing_tensors_are_reported(meta_unet):
+    sd = unet_release_sd(with_ema=False)
     sd["model.diffusion_model.extra_layer.weight"] = torch.empty(2, device="meta")
+    assert convert_state_dict(sd, {"unet": meta_unet}, layout=convert.Layout()).leftover == \
+        ["model.diffusion_model.extra_layer.weight"]
     with pytest.raises(Hi3DError, match="1 checkpoint tensors were not converted.*extra_layer"):
-        convert_stage2.convert_stage2_modules(sd)
-    del sd["model.diffusion_model.extra_layer.weight"]
+        convert.check_leftover(convert_state_dict(sd, {"unet": meta_unet}, layout=convert.Layout()), False, "configs")
     del sd["model.diffusion_model.input_blocks.1.0.time_stack.in_layers.2.weight"]
     with pytest.raises(Hi3DError, match="lacks 1 tensors.*temporal_res_block.conv1"):
-        convert_stage2.convert_stage2_modules(sd)
+        convert_state_dict(sd, {"unet": meta_unet}, layout=convert.Layout())
     sd = {k: v for k, v in meta_state_dict(keys_or_skip(2)).items() if not k.startswith(convert.DEPTH)}
     with pytest.raises(Hi3DError, match="holds no depth model.*--depth"):
         convert_stage2.convert_stage2_modules(sd)
@@ -473,3 +474,35 @@ def test_cli_converts_a_deepspeed_float16_stage1_file_into_a_loadable_folder(tmp
     assert torch.equal(f(pipe.aesthetic.clip.visual_projection.weight), f(sd[convert.AES_CLIP + "proj"]).t())
     with pytest.raises(Hi3DError, match="no EMA weights"):
         convert.cli([str(tmp_path / "first_stage.pt"), "--out", str(tmp_path / "x"), "--config-dir", str(cfg_dir), "--ema"])
+
+
+def test_cli_stage2_converts_the_checkpoints_depth_model(tmp_path):
+    """``--stage 2`` without ``--depth``: the checkpoint's DPT lands in ``depth/`` (tiny DeepSpeed float16 file, tiny
+    configs), loadable by RefinePipeline, with MiDaS's [-1, 1] input normalisation."""
+    import json
+
+    from hi3d.models.stage1 import TinyConfig
+    from hi3d.models.stage2 import Stage2Config, tiny_components
+    from hi3d.pipelines.refine import RefinePipeline
+
+    c = tiny_components(Stage2Config(num_frames=2, tiny=TinyConfig(enabled=True)))
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    for name, conf in {"unet.json": dict(c.unet.config), "vae.json": dict(c.vae.config),
+                       "image_encoder.json": c.image_encoder.config.to_dict(),
+                       "depth.json": c.depth.model.config.to_dict()}.items():
+        (cfg_dir / name).write_text(json.dumps(conf, default=list))
+    modules = convert_stage2.build_modules(cfg_dir, "video")
+    sd = random_sgm_state_dict(modules, torch.Generator().manual_seed(7))
+    assert any(k.startswith(convert.DEPTH + "scratch.refinenet4.") for k in sd)
+    torch.save(deepspeed_file(sd), tmp_path / "second_stage.pt")
+    out = tmp_path / "stage2"
+    assert convert_stage2.cli([str(tmp_path / "second_stage.pt"), "--out", str(out), "--config-dir", str(cfg_dir)]) == 0
+    pipe = RefinePipeline.from_pretrained(out)
+    f = lambda t: t.detach().float()  # noqa: E731
+    dpt = pipe.depth.model
+    assert torch.equal(f(dpt.neck.fusion_stage.layers[0].projection.weight),
+                       f(sd[convert.DEPTH + "scratch.refinenet4.out_conv.weight"]))
+    k = sd[convert.DEPTH + "pretrained.model.blocks.0.attn.qkv.weight"].chunk(3)[1]
+    assert torch.equal(f(dpt.dpt.encoder.layer[0].attention.attention.key.weight), f(k))
+    assert pipe.depth.mean.flatten().tolist() == [0.5] * 3 and pipe.config.depth.input_size == dpt.config.image_size

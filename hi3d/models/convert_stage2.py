@@ -28,13 +28,15 @@ def default_config_dir() -> Path:
 
 
 def build_modules(config_dir: str | Path | None, vae_kind: str, depth: bool = True) -> dict[str, torch.nn.Module]:
-    """Empty stage-2 UNet (``config_dir/unet.json``) with stage 1's VAE and image encoder configs and, with
-    ``depth``, the DPT-Hybrid of ``config_dir/depth.json``."""
+    """Empty stage-2 UNet (``config_dir/unet.json``) with the VAE and image encoder configs of ``config_dir`` when
+    it has them (``image_encoder.json``, ``vae*.json``), else stage 1's, and, with ``depth``, the DPT-Hybrid of
+    ``config_dir/depth.json``."""
     from accelerate import init_empty_weights
     from transformers import DPTConfig, DPTForDepthEstimation
 
     config_dir = Path(config_dir or default_config_dir())
-    modules = convert.build_modules(convert.default_config_dir(), vae_kind, unet_config=config_dir / "unet.json")
+    base = config_dir if (config_dir / "image_encoder.json").is_file() else convert.default_config_dir()
+    modules = convert.build_modules(base, vae_kind, unet_config=config_dir / "unet.json")
     if depth:
         with init_empty_weights():
             modules["depth"] = DPTForDepthEstimation(DPTConfig(**convert.read_config(config_dir / "depth.json")))
