@@ -88,6 +88,19 @@ def test_conditions_layout_and_depth_ablation(comps):
     torch.testing.assert_close(no_depth[:, :, 9:], cat[:, :, 9:])
 
 
+def test_training_drops_latents_and_clip_but_not_depth(comps):
+    """As train-v02.yaml: the CLIP and frame-latent embedders have ucg_rate 0.1, the DepthEmbedder 0.0."""
+    b = batch()
+    b["degraded"] = b["frames"]
+    full = Stage2Task(tiny_cfg(cond_dropout=0.0), comps).conditions(b, torch.Generator().manual_seed(0))[1]
+    cat = Stage2Task(tiny_cfg(cond_dropout=1.0), comps).conditions(b, torch.Generator().manual_seed(0))[1]
+    assert Stage2Config().depth_dropout == 0.0 and full[:, :, :9].abs().max() > 0.5
+    torch.testing.assert_close(cat[:, :, :9], full[:, :, :9])
+    assert cat[:, :, 9:].abs().max() == 0
+    none = Stage2Task(tiny_cfg(cond_dropout=1.0, depth_dropout=1.0), comps).conditions(b, torch.Generator().manual_seed(0))
+    assert none[1].abs().max() == 0 and none[2].abs().max() == 0
+
+
 def test_training_loss_seeded_and_reaches_depth_weights(comps):
     task = Stage2Task(tiny_cfg(), copy.deepcopy(comps))
     assert task.unet.add_embedding.linear_1.in_features == 512

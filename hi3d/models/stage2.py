@@ -42,13 +42,16 @@ SVD_IN_CHANNELS = 8
 class Stage2Config(VideoDiffusionConfig):
     """Model, objective and sampling settings of stage 2 (paper / released values by default). ``pretrained``
     may also be a stage-2 folder (``RefinePipeline.save_pretrained`` or ``scripts/convert_checkpoint.py
-    --stage 2``); ``cond_dropout`` drops the CLIP embedding and the [depth, frame latents] concat."""
+    --stage 2``); ``cond_dropout`` drops the CLIP embedding and the frame latents, ``depth_dropout`` the depth."""
     resolution: int = 1024
     slots: list[str] = dataclasses.field(default_factory=lambda: ["elevation", "noise_aug"])
     max_guidance: float = 2.0
     use_depth: bool = True
     """Ablation switch: False feeds zeros in the depth channels (they stay in the layout)."""
     depth: DepthConfig = dataclasses.field(default_factory=DepthConfig)
+    depth_dropout: float = 0.0
+    """Training: probability of zeroing a video's depth condition (the release's DepthEmbedder has ucg_rate 0: never;
+    guidance's unconditional pass zeroes it all the same)."""
     degradation: DegradationConfig = dataclasses.field(default_factory=DegradationConfig)
     start: str = "release_blend"
     """Sampler start (``hi3d.models.sampler.START_MODES``): release_blend (the release's: from noise, pulled towards

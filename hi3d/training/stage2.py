@@ -22,8 +22,9 @@ class Stage2Task:
 
     Batch: ``frames [B, F, 3, H, W]`` in [-1, 1] (clean orbit, white background, frame 0 = input view),
     ``elevation [B]``. Step: Ĵ = degrade(frames) (``cfg.degradation``, frame 0 clean); z = VAE(frames)·s;
-    concat = [depth(Ĵ), mode(VAE(Ĵ + a·ε))]; CLIP(frame 0); ids = slots(elevation, a); CLIP and concat
-    dropped with p = cond_dropout each; loss = mean λ(σ)‖D(z + σε; σ) − z‖² (as stage 1).
+    concat = [depth(Ĵ + a·ε), mode(VAE(Ĵ + a·ε))]; CLIP(frame 0); ids = slots(elevation, a); CLIP and the frame
+    latents dropped with p = cond_dropout each, the depth with p = depth_dropout (the release: 0);
+    loss = mean λ(σ)‖D(z + σε; σ) − z‖² (as stage 1).
     A batch may carry ``degraded`` (``[B, F, 3, H, W]`` in [-1, 1]) to skip the on-the-fly degradation.
     """
 
@@ -66,9 +67,12 @@ class Stage2Task:
         concat = frame_conditions(self.components, cfg, degraded, aug, generator)
         clip = clip_embed(self.image_encoder, self.feature_extractor, frames[:, 0]).float()
         keep_clip = edm.condition_dropout(B, cfg.cond_dropout, generator, gdev).to(device)
-        keep_cat = edm.condition_dropout(B, cfg.cond_dropout, generator, gdev).to(device)
+        keep_lat = edm.condition_dropout(B, cfg.cond_dropout, generator, gdev).to(device)
+        keep_depth = edm.condition_dropout(B, cfg.depth_dropout, generator, gdev).to(device)
+        D = concat.shape[2] - 4
+        keep = torch.cat([keep_depth[:, None].expand(B, D), keep_lat[:, None].expand(B, 4)], 1)  # [B, D + 4]
         ids = added_time_ids(cfg.slots, batch["elevation"].to(device), aug, cfg.constant_value)
-        return z, concat * edm.append_dims(keep_cat, 5), clip * edm.append_dims(keep_clip, 3), ids
+        return z, concat * keep[:, None, :, None, None], clip * edm.append_dims(keep_clip, 3), ids
 
     def training_loss(self, unet: torch.nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
         z, concat, clip, ids = self.conditions(batch, generator)
