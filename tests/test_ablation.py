@@ -202,3 +202,72 @@ def test_visual_hull_carving_sphere_and_real_object(tmp_path):
     assert not res["failed"]
     m0, m4 = res["rows"]
     assert m0["iou"] > 0.5 and m4["iou"] >= m0["iou"] - 0.01
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from hi3d.testing import save_tiny_weights
+
+    folder = save_tiny_weights(tmp_path_factory.mktemp("weights"), text_to_image=False)
+    # the new conv_in columns (depth, frame latents) start at zero, as in training; random ones make the depth
+    # channels count, so zeroing them (no_depth) shows in the output
+    unet = UNetSpatioTemporalConditionModel.from_pretrained(folder / "stage2" / "unet")
+    with torch.no_grad():
+        w = unet.conv_in.weight
+        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.2)
+    unet.save_pretrained(folder / "stage2" / "unet")
+    return folder
+
+
+def test_hi3d_generator_runs_each_stage2_mode_from_a_weights_folder(tmp_path, tiny_weights):
+    """generator=hi3d is `hi3d generate` (stage 1 -> stage 2) on tiny random weights saved as a weights folder."""
+    import trimesh
+
+    from hi3d.models.rrdbnet import RRDBNet
+    from hi3d.pipelines.image_to_3d import STAGE2_MODES, GenerateConfig, ImageTo3D
+    from hi3d.pipelines.refine import upsample
+
+    g = torch.Generator().manual_seed(0)
+    esr = tmp_path / "esr.pth"
+    tiny = RRDBNet(num_feat=8, num_block=1, num_grow_ch=8).state_dict()
+    torch.save({"params_ema": {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in tiny.items()}}, esr)
+
+    def sphere(views_dir, out_dir, m, overrides, seed=0):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        trimesh.creation.icosphere(2, radius=0.4).export(Path(out_dir) / "mesh.ply")
+        return Path(out_dir) / "mesh.ply"
+
+    cfg = load_config(ablation.AblationConfig, None, [
+        f"objects=[{real_object('wuson')}]", f"out={tmp_path / 'out'}", "m_values=[0]", "views=generated",
+        "generator=hi3d", f"weights={tiny_weights}", f"stage2=[{','.join(STAGE2_MODES)}]",
+        f"generate_overrides=[realesrgan_weights={esr},device=cpu]"] + SMALL)
+    res = ablation.run_ablation(cfg, sphere)
+    assert not res["failed"] and [r["stage2"] for r in res["rows"]] == list(STAGE2_MODES)
+    assert all(r["views_psnr"] is not None for r in res["rows"])
+    gen = {m: tmp_path / "out" / "Wuson" / f"hi3d-{m}" / "s0" / "generate" for m in STAGE2_MODES}
+    s2 = {m: load_orbit(gen[m] / "stage2", load_depth=False) for m in STAGE2_MODES}
+    s1 = load_orbit(gen["full"] / "stage1", load_depth=False)
+    assert {m: o.width for m, o in s2.items()} == {"full": 64, "none": 32, "no_depth": 64, "bicubic": 64, "realesrgan": 64}
+    assert json.loads((gen["no_depth"] / "run.json").read_text())["stages"]["stage2/seed_0"]["mode"] == "no_depth"
+    assert (gen["full"] / "depth" / "000.png").is_file() and not (gen["no_depth"] / "depth").exists()
+    assert (s2["full"].rgba[1:, ..., :3] - s2["no_depth"].rgba[1:, ..., :3]).abs().max() > 1e-3  # zero depth changes it
+    assert torch.allclose(s2["none"].rgba, s1.rgba)  # no stage 2: the stage-1 frames
+    ref = upsample(s1.rgb_on_white().permute(0, 3, 1, 2)[None], 64, "bicubic")[0].permute(0, 2, 3, 1)
+    assert (s2["bicubic"].rgba[..., :3] - ref).abs().max() < 1.5 / 255
+    assert (s2["realesrgan"].rgba[..., :3] - ref).abs().mean() > 0.01  # the RRDBNet's output, not bicubic's
+    with pytest.raises(Hi3DError, match="stage2='model' is not one of full, none, no_depth, bicubic, realesrgan"):
+        ImageTo3D(GenerateConfig(stage2="model"))
+
+
+def test_realesrgan_without_its_file_fails_at_start_up_in_one_line(tmp_path, tiny_weights, capsys):
+    main = runpy.run_path(str(REPO / "scripts" / "ablate_m.py"))["main"]
+    assert main(["--objects", str(real_object("wuson")), "--views", "generated", "generator=hi3d",
+                 f"weights={tiny_weights}", "--stage2", "full,realesrgan", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "RealESRGAN_x4plus.pth at " + str(tiny_weights / "realesrgan") in err
+    assert not any(tmp_path.iterdir())
+    assert main(["--objects", str(real_object("wuson")), "--views", "generated", "generator=hi3d",
+                 "--out", str(tmp_path)]) == 2
+    assert "needs weights=DIR" in capsys.readouterr().err

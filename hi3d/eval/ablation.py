@@ -3,8 +3,9 @@
 For each object: render its ground-truth orbit; with ``views = "gt"`` reconstruct from it directly
 (isolates 3DGS interpolation + NeuS), with ``views = "generated"`` first make views with ``generator``:
 ``perturbed`` (``hi3d.eval.perturbed``: the GT orbit with controlled multi-view inconsistency, a CPU
-stand-in; config section ``perturb``) or ``hi3d`` (stage 1 -> stage 2 from ``weights``, with each stage-2
-mode of ``stage2``: ``full``, ``none``, ``no_depth``, ``bicubic``, ``realesrgan``). Then for every M and
+stand-in; config section ``perturb``) or ``hi3d`` (``hi3d generate``'s stage 1 -> stage 2 from ``weights``,
+with each stage-2 mode of ``stage2``, ``hi3d.pipelines.image_to_3d.STAGE2_MODES``: ``full``, ``none``,
+``no_depth``, ``bicubic``, ``realesrgan``). Then for every M and
 seed reconstruct with M interpolated views and score the mesh against the source mesh (Chamfer, volume
 IoU, F-score), the interpolated views against ground-truth renders at their cameras (``interp_psnr``) and
 the views it started from against the ground truth (``views_psnr`` / ``views_ssim``, views 1..N-1).
@@ -14,7 +15,8 @@ The unit of work is a ``Cell`` (object, M, stage-2 mode, seed): ``ablation_cells
 Output folder::
 
     <object>/orbit/                                   ground-truth orbit
-    <object>/<variant>/s<seed>/views/                 generated views (variant = <generator>-<stage2>)
+    <object>/<variant>/s<seed>/views/                 generated views (variant = <generator>-<stage2>;
+                                                      generator=hi3d: generate/stage2/)
     <object>/<variant>/s<seed>/M<m>/                  the reconstruction (variant = gt for GT views)
     <object>/<variant>/s<seed>/M<m>/metrics.json      scores; finished cells are skipped on re-runs
     ablation.csv / .json / .md                        one row per cell, mean (± spread over seeds) per
@@ -50,11 +52,11 @@ from hi3d.eval import metrics
 from hi3d.eval.gso import find_mesh, gso_mesh_path
 from hi3d.eval.perturbed import PerturbConfig
 from hi3d.io import read_json, write_bytes, write_json
+from hi3d.pipelines.image_to_3d import STAGE2_MODES
 from hi3d.recon.hull import carve
 
 log = logging.getLogger(__name__)
 
-STAGE2_MODES = ("full", "none", "no_depth", "bicubic", "realesrgan")
 SCORES = ("chamfer", "iou", "f_score")
 VIEW_SCORES = ("interp_psnr", "views_psnr", "views_ssim")
 
@@ -86,6 +88,8 @@ class AblationConfig:
     generator: str = ""  # perturbed | hi3d
     stage2: list[str] = dataclasses.field(default_factory=lambda: ["full"])  # modes, each a column of cells
     perturb: PerturbConfig = dataclasses.field(default_factory=PerturbConfig)  # generator = perturbed
+    weights: str = ""  # generator = hi3d: a `hi3d generate` weights folder
+    generate_overrides: list[str] = dataclasses.field(default_factory=list)  # generator = hi3d: GenerateConfig key=value
     # scoring
     num_points: int = 100_000
     iou_resolution: int = 64
@@ -206,7 +210,42 @@ class PerturbedViews:
         return generate_perturbed(gt_dir, out_dir, cfg.perturb, seed)
 
 
-GENERATORS: dict[str, Any] = {"perturbed": PerturbedViews()}
+class Hi3DViews:
+    """``generator=hi3d``: ``hi3d generate`` (stage 1 -> stage 2 in the cell's mode, stopping there) on the GT
+    orbit's view 0 at the orbit's elevation, from ``weights`` (+ ``generate_overrides``); the views are its
+    ``stage2/`` orbit, made in ``<seed dir>/generate/``."""
+
+    def config(self, cfg: AblationConfig, stage2: str, seed: int = 0):
+        from hi3d.config import load_config
+        from hi3d.pipelines.image_to_3d import GenerateConfig
+
+        return load_config(GenerateConfig, None, [*cfg.generate_overrides, f"weights={cfg.weights}", f"stage2={stage2}",
+                                                  f"seed={seed}", "stages=stage2", f"elevation={cfg.elevation}",
+                                                  "auto_elevation.enabled=false"])
+
+    def check(self, cfg: AblationConfig) -> None:
+        from hi3d.pipelines.image_to_3d import check_stage2
+
+        if not cfg.weights or not Path(cfg.weights).is_dir():
+            raise Hi3DError(f"generator=hi3d needs weights=DIR, a `hi3d generate` weights folder (got '{cfg.weights}')")
+        for mode in cfg.stage2:
+            check_stage2(self.config(cfg, mode))
+
+    def key(self, cfg: AblationConfig, stage2: str) -> dict:
+        return {"generator": "hi3d", "weights": str(Path(cfg.weights).resolve()), "stage2": stage2,
+                "overrides": list(cfg.generate_overrides)}
+
+    def __call__(self, cfg: AblationConfig, gt_dir: Path, out_dir: Path, stage2: str, seed: int) -> Path:
+        from hi3d.io import save_png
+        from hi3d.pipelines.generate import generate_one
+
+        work = Path(out_dir).parent
+        save_png(work / "input.png", load_orbit(gt_dir, load_depth=False).rgba[0])
+        generate_one(self.config(cfg, stage2, seed), work / "generate", source=work / "input.png")
+        return work / "generate" / "stage2"
+
+
+GENERATORS: dict[str, Any] = {"perturbed": PerturbedViews(), "hi3d": Hi3DViews()}
 
 
 def upscale_views(orbit: Orbit, size: int, mode: str = "bicubic") -> Orbit:
@@ -296,11 +335,12 @@ def views_for(cell: Cell, mesh_path: Path, cfg: AblationConfig) -> Path:
     if cell.stage2 is None:
         return gt_dir
     generator = GENERATORS[cfg.generator]
-    views_dir, key = cell.seed_dir(cfg) / "views", {**generator.key(cfg, cell.stage2), "seed": cell.seed}
-    key_file = cell.seed_dir(cfg) / "views.key.json"
-    if not ((views_dir / "cameras.json").is_file() and key_file.is_file() and read_json(key_file) == key):
-        views_dir = Path(generator(cfg, gt_dir, views_dir, cell.stage2, cell.seed))
-        write_json(key_file, key)
+    key, key_file = {**generator.key(cfg, cell.stage2), "seed": cell.seed}, cell.seed_dir(cfg) / "views.key.json"
+    saved = read_json(key_file) if key_file.is_file() else {}
+    if saved.get("key") == key and (Path(saved["views"]) / "cameras.json").is_file():
+        return Path(saved["views"])
+    views_dir = Path(generator(cfg, gt_dir, cell.seed_dir(cfg) / "views", cell.stage2, cell.seed))
+    write_json(key_file, {"key": key, "views": str(views_dir)})
     return views_dir
 
 
@@ -329,8 +369,8 @@ def score_views(views_dir: Path, run_dir: Path, gt_dir: Path) -> dict[str, float
 
     gt = load_orbit(gt_dir, load_depth=False)
     out: dict[str, float | None] = dict.fromkeys(VIEW_SCORES)
-    if Path(views_dir).resolve() != Path(gt_dir).resolve():
-        views = load_orbit(views_dir, load_depth=False)
+    views = None if Path(views_dir).resolve() == Path(gt_dir).resolve() else load_orbit(views_dir, load_depth=False)
+    if views is not None and len(views) == len(gt):
         if views.rgba.shape[1:3] != gt.rgba.shape[1:3]:
             views = upscale_views(views, gt.width)
         a, b = views.rgb_on_white()[1:], gt.rgb_on_white()[1:]
@@ -345,15 +385,15 @@ def score_views(views_dir: Path, run_dir: Path, gt_dir: Path) -> dict[str, float
     return out
 
 
-def run_cell(cell: Cell, mesh_path: Path, cfg: AblationConfig, reconstruct: Callable[..., Path]) -> dict:
-    """Reconstruct and score one cell (or read its finished scores); writes ``<run dir>/metrics.json``."""
+def run_cell(cell: Cell, views_dir: Path, mesh_path: Path, cfg: AblationConfig, reconstruct: Callable[..., Path]) -> dict:
+    """Reconstruct and score one cell from ``views_dir`` (or read its finished scores); writes
+    ``<run dir>/metrics.json``."""
     run_dir, key = cell.run_dir(cfg), cell_key(cell, cfg)
     done = run_dir / "metrics.json"
     if done.is_file():
         row = read_json(done)
         if row.get("key") == key:
             return row
-    views_dir = views_for(cell, mesh_path, cfg)
     mesh = reconstruct(views_dir, run_dir, cell.m, list(cfg.reconstruct_overrides), cell.seed)
     row = {"object": cell.object, "m": cell.m, "seed": cell.seed, "views": cfg.views,
            "generator": cfg.generator if cell.stage2 else None, "stage2": cell.stage2,
@@ -384,8 +424,16 @@ def run_ablation(cfg: AblationConfig, reconstruct: Callable[..., Path] | None = 
         if views_key in bad_views:
             continue
         try:
+            views_dir = views_for(cell, sources[cell.object], cfg)
+        except Exception as e:  # the views of an (object, stage 2, seed) failed: its cells are listed once
+            log.warning("%s %s s%d: views failed: %s", cell.object, cell.variant(cfg), cell.seed, e)
+            bad_views[views_key] = True
+            failed.append({"object": cell.object, "m": None, "stage2": cell.stage2, "seed": cell.seed,
+                           "error": f"{type(e).__name__}: {e}"})
+            continue
+        try:
             with rec.stage(f"{cell.object}/{cell.variant(cfg)}/s{cell.seed}/M{cell.m}") as entry:
-                row = run_cell(cell, sources[cell.object], cfg, reconstruct)
+                row = run_cell(cell, views_dir, sources[cell.object], cfg, reconstruct)
                 entry.update({k: row[k] for k in SCORES})
             rows.append(row)
             log.info("%s %s s%d M=%d: chamfer %.4f iou %.4f", cell.object, cell.variant(cfg), cell.seed, cell.m,
@@ -394,11 +442,8 @@ def run_ablation(cfg: AblationConfig, reconstruct: Callable[..., Path] | None = 
             log.warning("%s M=%d failed: %s", cell.object, cell.m, e)
             cell.run_dir(cfg).mkdir(parents=True, exist_ok=True)
             write_bytes(cell.run_dir(cfg) / "error.txt", traceback.format_exc().encode())
-            views_failed = not (cell.seed_dir(cfg) / "views" / "cameras.json").is_file() and cell.stage2 is not None
-            if views_failed:
-                bad_views[views_key] = True
-            failed.append({"object": cell.object, "m": None if views_failed else cell.m, "stage2": cell.stage2,
-                           "seed": cell.seed, "error": f"{type(e).__name__}: {e}"})
+            failed.append({"object": cell.object, "m": cell.m, "stage2": cell.stage2, "seed": cell.seed,
+                           "error": f"{type(e).__name__}: {e}"})
         write_outputs(out, {**info, "rows": rows, "summary": summarise(rows), "failed": failed})
     result = {**info, "rows": rows, "summary": summarise(rows), "failed": failed}
     write_outputs(out, result)

@@ -36,6 +36,9 @@ from hi3d.pipelines.text_to_image import TextToImageConfig
 from hi3d.recon.reconstruct import ReconstructConfig, resolve_devices, stage_devices
 
 STAGES = ("stage1", "stage2", "interpolate", "mesh")
+# stage 2 and its ablations (paper Table 3, appendix): the refiner; no stage 2 (the stage-1 frames as they are);
+# the refiner with zero depth channels; bicubic or Real-ESRGAN x4 upscaling to the stage-2 resolution
+STAGE2_MODES = ("full", "none", "no_depth", "bicubic", "realesrgan")
 
 
 @dataclasses.dataclass
@@ -46,8 +49,8 @@ class GenerateConfig:
     num_seeds: int = 1  # seeds seed, seed+1, ...: one orbit and mesh each
     num_interp: int = 16  # M interpolated views for NeuS (0 = plain NeuS)
     stages: str = "mesh"  # stop after: stage1 | stage2 | interpolate | mesh
-    stage2: str = "model"  # model | bicubic (appendix baseline) | none (stage-1 frames go to reconstruction)
-    use_depth: bool = True  # False: stage 2 sees zero depth (ablation)
+    stage2: str = "full"  # one of STAGE2_MODES: full | none | no_depth | bicubic | realesrgan
+    realesrgan_weights: str = ""  # stage2=realesrgan: RealESRGAN_x4plus.pth (default WEIGHTS/realesrgan/RealESRGAN_x4plus.pth)
     device: str = "auto"  # auto | cpu | cuda | cuda:N: every stage's (recon.device etc. override it per stage)
     dtype: str = "float32"  # float32 | float16 | bfloat16 (GPU): both diffusion stages; reconstruction is float32
     low_memory: bool = False  # on an accelerator: chunked VAE, one UNet pass at a time, models offloaded to the CPU
@@ -68,6 +71,25 @@ def white_background_rgba(frames: torch.Tensor, threshold: float) -> torch.Tenso
     return torch.cat([rgb, alpha[..., None]], -1)
 
 
+def realesrgan_path(cfg: GenerateConfig) -> Path:
+    """The Real-ESRGAN checkpoint of ``stage2=realesrgan``."""
+    from hi3d.models.rrdbnet import REALESRGAN_FILE
+
+    if cfg.realesrgan_weights:
+        return Path(cfg.realesrgan_weights)
+    return Path(cfg.weights or ".") / "realesrgan" / REALESRGAN_FILE
+
+
+def check_stage2(cfg: GenerateConfig) -> None:
+    """Start-up errors: an unknown stage-2 mode, or ``realesrgan`` without its checkpoint file."""
+    if cfg.stage2 not in STAGE2_MODES:
+        raise Hi3DError(f"stage2='{cfg.stage2}' is not one of {', '.join(STAGE2_MODES)}")
+    if cfg.stage2 == "realesrgan" and not realesrgan_path(cfg).is_file():
+        from hi3d.models.rrdbnet import load_realesrgan
+
+        load_realesrgan(realesrgan_path(cfg))  # raises the one-line error naming the file
+
+
 def _orbit_done(path: Path) -> Orbit | None:
     return load_orbit(path, load_depth=False) if (path / "cameras.json").is_file() else None
 
@@ -78,8 +100,7 @@ class ImageTo3D:
     def __init__(self, cfg: GenerateConfig):
         if cfg.stages not in STAGES:
             raise Hi3DError(f"stages='{cfg.stages}' is not one of {', '.join(STAGES)}")
-        if cfg.stage2 not in ("model", "bicubic", "none"):
-            raise Hi3DError(f"stage2='{cfg.stage2}' is not one of model, bicubic, none")
+        check_stage2(cfg)
         self.device = resolve_device(cfg.device)  # start-up: a device this machine lacks fails here, before any output
         self.dtype = resolve_dtype(cfg.dtype)
         self.cfg = cfg = dataclasses.replace(cfg, recon=resolve_devices(cfg.recon, self.device))
@@ -120,7 +141,7 @@ class ImageTo3D:
             self._stage2 = RefinePipeline.from_pretrained(
                 self._folder("stage2"), torch_dtype=self.dtype,
                 device=None if self.cfg.low_memory else self.device,
-                low_memory=self.cfg.low_memory, use_depth=self.cfg.use_depth)
+                low_memory=self.cfg.low_memory, use_depth=self.cfg.stage2 != "no_depth")
         return self._stage2
 
     def _stage1_orbit(self, rgba: torch.Tensor, elevation: float, seed: int, out: Path) -> Orbit:
@@ -235,8 +256,12 @@ class ImageTo3D:
                 from hi3d.pipelines.refine import upsample
 
                 refined = upsample(frames[None], size, "bicubic")[0]
+            elif cfg.stage2 == "realesrgan":
+                from hi3d.models.rrdbnet import load_realesrgan, upscale
+
+                refined = upscale(load_realesrgan(realesrgan_path(cfg), self.device), frames, size)
             else:
-                if cfg.use_depth:
+                if cfg.stage2 == "full":
                     from hi3d.models.depth import normalise_per_frame
 
                     with torch.no_grad():
