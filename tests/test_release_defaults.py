@@ -114,7 +114,7 @@ def test_row_4_refine_starts_from_posterior_sample_of_bilinear_upsampled_frames(
     torch.testing.assert_close(seen["init"][0], z, atol=1e-5, rtol=1e-5)
 
 
-def test_row_6_clip_preprocessing_is_korniass_resize_without_clamp():
+def test_row_6_clip_preprocessing_is_kornias_resize_without_clamp():
     """Row 6: sgm's FrozenOpenCLIPImageEmbedder: kornia.geometry.resize(bicubic, align_corners=True,
     antialias=True), (x + 1)/2, mean/std — no clamp (bicubic overshoot at the edge survives)."""
     kornia = pytest.importorskip("kornia")
