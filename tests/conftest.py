@@ -15,6 +15,8 @@ import torch._dynamo  # noqa: E402,F401
 
 from hi3d.data.real_objects import REAL_OBJECTS  # noqa: E402
 
+pytest_plugins = ["pytester"]  # tests/test_ci_fixtures.py runs whole pytest sessions
+
 
 def accelerate_launch_two_cpu(args: list[str], timeout: int, check: bool = True) -> subprocess.CompletedProcess:
     """``accelerate launch --multi_gpu --num_processes 2 ARGS`` with ACCELERATE_USE_CPU=1 (two gloo processes;

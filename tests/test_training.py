@@ -277,7 +277,7 @@ def assert_training_loss_falls(task, cfg, steps: int = 20, min_ratio: float = 1.
 def test_tiny_stage1_training_loss_falls(dataset, tmp_path):
     """20 steps (lr 3e-3) on 16² two-frame orbits: the EDM loss at fixed draws falls >= 1.25x (1.46x measured)."""
     from hi3d.config import load_config
-    from hi3d.models.stage1 import Stage1Task
+    from hi3d.training.stage1 import Stage1Task
 
     cfg = load_config(stage1_script().Stage1TrainConfig, ROOT / "configs/stage1/tiny_cpu.yaml", stage1_overrides(
         dataset.cfg.root, tmp_path, **{"train.batch_size": 2, "train.lr": 3e-3, "train.warmup_steps": 2,
