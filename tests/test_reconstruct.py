@@ -102,8 +102,44 @@ def test_interrupted_reconstruct_resumes_and_skips_finished_stages(tmp_path, tin
     assert all(run["stages"][s]["skipped"] for s in ("interpolate", "neus", "mesh", "turntable"))
     assert {p: p.stat().st_mtime_ns for p in out.glob("mesh.*")} == mtimes
 
-    with pytest.raises(Hi3DError, match="different NeuS config"):
-        reconstruct(tiny_orbit, out, 2, tiny_cfg("neus.lr=0.5"), progress=False)
+    steps.clear()  # another NeuS config: NeuS, mesh and turntable are redone, the interpolation is kept
+    reconstruct(tiny_orbit, out, 2, tiny_cfg("neus.lr=0.02", "neus.num_threads=1"), progress=False,
+                callback=lambda s, _: steps.append(s))
+    run = json.loads((out / "run.json").read_text())
+    assert steps == list(range(6)) and run["stages"]["interpolate"]["skipped"] is True
+    assert run["stages"]["neus"]["redone_because"] == ["config.lr"]  # thread count: not an input
+    assert all(run["stages"][s]["redone_because"] == ["neus"] for s in ("mesh",))
+    assert run["stages"]["turntable"]["redone_because"] == ["mesh"]
+
+
+def test_changed_num_interp_redoes_neus_and_mesh(tmp_path, tiny_orbit):
+    """The acceptance run: --num-interp 0, then --num-interp 16 into the same folder, then new view content."""
+    out = tmp_path / "R"
+    cli = ["reconstruct", str(tiny_orbit), "--out", str(out), "--no-progress"] + TINY
+    assert main(cli + ["--num-interp", "0"]) == 0
+    first = torch.load(out / "neus.pt", weights_only=False)["fingerprint"]
+    assert first["inputs"]["num_interp"] == 0 and first["inputs"]["interpolate"] is None
+    assert main(cli + ["--num-interp", "16"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    st = run["stages"]
+    assert st["interpolate"]["skipped"] is False and len(load_orbit(out / "interp")) == 16
+    assert st["neus"]["skipped"] is False and st["neus"]["resumed_from_step"] == 0 and st["neus"]["num_views"] == 20
+    assert st["neus"]["redone_because"] == ["interpolate", "num_interp"]
+    assert st["mesh"]["skipped"] is False and st["mesh"]["redone_because"] == ["neus"]
+    assert not list((out / "interp").glob("gaussians.ckpt*.pt"))
+    assert main(cli + ["--num-interp", "16"]) == 0  # unchanged: every stage skipped
+    st = json.loads((out / "run.json").read_text())["stages"]
+    assert all(st[s]["skipped"] and "redone_because" not in st[s] for s in ("interpolate", "neus", "mesh", "turntable"))
+
+    edited = tmp_path / "edited"  # same cameras and file names, one view's pixels changed
+    shutil.copytree(tiny_orbit, edited)
+    im = load_png(edited / "rgba" / "002.png")
+    im[..., :3] = 1 - im[..., :3]
+    save_png(edited / "rgba" / "002.png", im)
+    assert main(["reconstruct", str(edited), "--out", str(out), "--no-progress", "--num-interp", "16"] + TINY) == 0
+    st = json.loads((out / "run.json").read_text())["stages"]
+    assert st["interpolate"]["redone_because"] == ["views"]
+    assert set(st["neus"]["redone_because"]) == {"interpolate", "views"} and st["mesh"]["skipped"] is False
 
 
 @pytest.mark.slow

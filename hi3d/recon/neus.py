@@ -382,10 +382,11 @@ def training_losses(model: NeuSModel, batch: dict[str, torch.Tensor], cfg: NeuSC
 
 
 def save_checkpoint(path: Path, model: NeuSModel, optim: torch.optim.Optimizer, step: int,
-                    generator: torch.Generator) -> None:
+                    generator: torch.Generator, **extra) -> None:
+    """Atomic checkpoint: weights, Adam state, RNG state, step, config and ``extra`` (e.g. a fingerprint)."""
     with atomic_path(path) as tmp:
         torch.save({"step": step, "model": model.state_dict(), "optimizer": optim.state_dict(),
-                    "generator": generator.get_state(), "config": to_dict(model.cfg)}, tmp)
+                    "generator": generator.get_state(), "config": to_dict(model.cfg), **extra}, tmp)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[NeuSModel, int]:
@@ -399,9 +400,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ne
 
 
 def fit_neus(orbit: Orbit, cfg: NeuSConfig, checkpoint: str | Path | None = None, progress: bool = True,
-             callback: Callable[[int, dict], None] | None = None) -> NeuSModel:
+             callback: Callable[[int, dict], None] | None = None, checkpoint_extra: dict | None = None) -> NeuSModel:
     """Optimise NeuS on ``orbit``; resumes from ``checkpoint`` when it exists (and returns at once if it
-    is at the final step). ``callback(step, losses)`` runs after every step (logging, tests)."""
+    is at the final step). ``callback(step, losses)`` runs after every step (logging, tests);
+    ``checkpoint_extra`` is stored in every checkpoint."""
     device = resolve_device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = NeuSModel(cfg, gen).to(device)
@@ -421,14 +423,14 @@ def fit_neus(orbit: Orbit, cfg: NeuSConfig, checkpoint: str | Path | None = None
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     try:
-        _train(model, optim, gen, orbit, cfg, start, ckpt_path, progress, callback)
+        _train(model, optim, gen, orbit, cfg, start, ckpt_path, progress, callback, checkpoint_extra or {})
     finally:
         torch.set_num_threads(threads)
     model.set_progress(cfg.iterations)
     return model
 
 
-def _train(model, optim, gen, orbit, cfg, start, ckpt_path, progress, callback) -> None:
+def _train(model, optim, gen, orbit, cfg, start, ckpt_path, progress, callback, extra) -> None:
     device = resolve_device(cfg.device)
     rays = orbit_rays(orbit)
     fields = {k: v.to(device) for k, v in dataclasses.asdict(rays).items() if v is not None}
@@ -448,7 +450,7 @@ def _train(model, optim, gen, orbit, cfg, start, ckpt_path, progress, callback) 
         if step % 10 == 0:
             bar.set_postfix(loss=f"{losses['total'].item():.4f}", inv_s=f"{model.inv_s().item():.0f}")
         if ckpt_path is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.iterations):
-            save_checkpoint(ckpt_path, model, optim, step + 1, gen)
+            save_checkpoint(ckpt_path, model, optim, step + 1, gen, **extra)
         if callback is not None:
             callback(step, {k: v.item() for k, v in losses.items()})
     bar.close()

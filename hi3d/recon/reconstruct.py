@@ -3,15 +3,18 @@
 Writes ``DIR/interp/`` (the M interpolated views, an orbit folder), ``DIR/neus.pt`` (NeuS checkpoint),
 ``DIR/mesh.glb``, ``mesh.obj`` (+ ``mesh.mtl``, ``mesh.png`` when textured), ``mesh.ply`` (in the source
 file's coordinates, +Y up; ``mesh.texture``: UV atlas baked from the views, or vertex colours),
-``DIR/turntable.png`` (the mesh rendered at 8 azimuths) and ``DIR/run.json``. Re-running the command
-skips finished stages (``interp/cameras.json`` present, NeuS checkpoint at its last step, mesh files
-present) and resumes an interrupted NeuS fit from its last checkpoint.
+``DIR/turntable.png`` (the mesh rendered at 8 azimuths), ``DIR/stages.json`` (fingerprints of the finished
+stages) and ``DIR/run.json``. Re-running the command skips the stages whose inputs are unchanged (see
+``reconstruct``), redoes the others and those after them, and resumes an interrupted 3DGS or NeuS fit
+of the same inputs from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from hi3d.config import to_dict
 from hi3d.data.orbit import Orbit, concat_orbits, load_orbit, save_orbit
 from hi3d.devices import resolve_device
 from hi3d.errors import Hi3DError
-from hi3d.io import contact_sheet, save_png
+from hi3d.io import contact_sheet, save_png, write_json
 from hi3d.recon.gaussians import GaussianConfig
 from hi3d.recon.mesh import FORMATS, MeshConfig, export_mesh, extract_mesh
 from hi3d.recon.neus import NeuSConfig, fit_neus, load_model
@@ -65,16 +68,78 @@ def check_orbit(orbit: Orbit) -> None:
                         "the background transparent (run 'hi3d render-orbit', or segment the images first)")
 
 
-def _load_interp(path: Path, num_interp: int) -> Orbit | None:
-    if not (path / "cameras.json").is_file():
-        return None
-    views = load_orbit(path, load_depth=False)
-    return views if len(views) == num_interp else None
+EXECUTION_KEYS = ("progress", "num_threads", "checkpoint_every", "chunk", "chunk_elements")  # not in fingerprints
+
+
+def views_hash(orbit: Orbit) -> str:
+    """sha256 of what an orbit holds (images, cameras, normalisation, depth and normals when loaded)."""
+    h = hashlib.sha256()
+    for t in (orbit.rgba, orbit.c2w, orbit.K, orbit.normalization, orbit.depth, orbit.normal):
+        if t is not None:
+            t = torch.as_tensor(t).detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(**inputs) -> dict:
+    """``{"hash": sha256 of inputs, "inputs": inputs}``; config dataclasses enter without their execution keys."""
+    inputs = {k: {c: v for c, v in to_dict(x).items() if c not in EXECUTION_KEYS} if dataclasses.is_dataclass(x) else x
+              for k, x in inputs.items()}
+    return {"hash": hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest(), "inputs": inputs}
+
+
+def changes(old: dict | None, new: dict) -> list[str]:
+    """What differs between two fingerprints, e.g. ``["num_interp", "config.lr"]`` (``["no fingerprint"]``)."""
+    if not old or "inputs" not in old:
+        return ["no fingerprint"]
+    out = []
+    a, b = old["inputs"], new["inputs"]
+    for k in sorted(a.keys() | b.keys()):
+        if a.get(k) == b.get(k):
+            continue
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += [f"{k}.{c}" for c in sorted(a[k].keys() | b[k].keys()) if a[k].get(c) != b[k].get(c)]
+        else:
+            out.append(k)
+    return out
+
+
+class Stages:
+    """``DIR/stages.json``: the fingerprint of every finished stage, written atomically after it."""
+
+    def __init__(self, out: Path):
+        self.path = out / "stages.json"
+        self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def check(self, name: str, fp: dict, entry: dict, outputs_present: bool) -> bool:
+        """True when ``name`` is finished with the same fingerprint; else records in ``entry`` why it is redone."""
+        entry["fingerprint"] = fp["hash"]
+        old = self.done.get(name)
+        if outputs_present and old is not None and old.get("hash") == fp["hash"]:
+            return True
+        if old is not None:
+            entry["redone_because"] = changes(old, fp) if outputs_present else ["outputs missing"]
+        self.forget(name)
+        return False
+
+    def forget(self, name: str) -> None:
+        if self.done.pop(name, None) is not None:
+            write_json(self.path, self.done)
+
+    def finish(self, name: str, fp: dict) -> None:
+        self.done[name] = fp
+        write_json(self.path, self.done)
 
 
 def reconstruct(orbit_dir: str | Path, out_dir: str | Path, num_interp: int, cfg: ReconstructConfig,
                 progress: bool = True, callback: Callable[[int, dict], None] | None = None) -> dict[str, Path]:
-    """Run (or resume) the whole reconstruction; returns the written files by name."""
+    """Run (or resume) the whole reconstruction; returns the written files by name.
+
+    Each stage is keyed on what it is made from (the views' content, M, its config section, the
+    fingerprints of the stages before it): it is skipped when ``DIR/stages.json`` holds the same
+    fingerprint and its outputs exist, else redone (with every stage after it); ``run.json`` records
+    each stage's fingerprint and, when redone, ``redone_because`` (the inputs that changed)."""
     from hi3d.provenance import RunRecord
 
     if num_interp < 0:
@@ -86,71 +151,84 @@ def reconstruct(orbit_dir: str | Path, out_dir: str | Path, num_interp: int, cfg
     out = Path(out_dir)
     rec = RunRecord(out, "reconstruct", config=cfg, seed=cfg.neus.seed, device=torch.device(cfg.neus.device))
     rec.add(orbit_dir=str(orbit_dir), num_interp=num_interp, devices=devices)
+    stages = Stages(out)
     files: dict[str, Path] = {}
+    source = views_hash(orbit)
+    rec.add(views_sha256=source)
 
-    views = orbit
+    views, interp_fp = orbit, None
     if num_interp > 0:
         from hi3d.recon.interpolate import interpolate_views
 
         interp_dir = out / "interp"
+        interp_fp = fingerprint(views=source, num_interp=num_interp, config=cfg.gaussians)
         with rec.stage("interpolate", device=devices["interpolate"]) as entry:
-            interp = _load_interp(interp_dir, num_interp)
-            entry["skipped"] = interp is not None
-            if interp is None:
-                interp = interpolate_views(orbit, num_interp, cfg.gaussians,
-                                           checkpoint=interp_dir / "gaussians.ckpt.pt")
+            done = stages.check("interpolate", interp_fp, entry, (interp_dir / "cameras.json").is_file())
+            entry["skipped"] = done
+            if done:
+                interp = load_orbit(interp_dir, load_depth=False)
+            else:  # the fit's checkpoint is named by the fingerprint: only the same fit resumes from it
+                ckpt = interp_dir / f"gaussians.ckpt-{interp_fp['hash'][:16]}.pt"
+                for stale in interp_dir.glob("gaussians.ckpt*.pt"):
+                    if stale != ckpt:
+                        stale.unlink()
+                interp = interpolate_views(orbit, num_interp, cfg.gaussians, checkpoint=ckpt)
                 save_orbit(interp, interp_dir)
-                (interp_dir / "gaussians.ckpt.pt").unlink(missing_ok=True)
+                ckpt.unlink(missing_ok=True)
+                stages.finish("interpolate", interp_fp)
         files["interp"] = interp_dir
         interp.depth = interp.depth if orbit.depth is not None else None
         interp.normal = None
         views = concat_orbits(orbit, interp)
+    else:
+        stages.forget("interpolate")
 
     ckpt = out / "neus.pt"
+    neus_fp = fingerprint(views=source, num_interp=num_interp, interpolate=interp_fp and interp_fp["hash"],
+                          config=cfg.neus)
     with rec.stage("neus", device=devices["neus"]) as entry:
-        done = _checkpoint_step(ckpt, cfg.neus)
-        entry["skipped"] = done >= cfg.neus.iterations
-        entry["resumed_from_step"] = done
-        entry["num_views"] = len(views)
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False) if ckpt.is_file() else None
+        same = saved is not None and saved.get("fingerprint", {}).get("hash") == neus_fp["hash"]
+        if saved is not None and not same:  # made from something else: start over
+            entry["redone_because"] = changes(saved.get("fingerprint"), neus_fp)
+            ckpt.unlink()
+        done = int(saved["step"]) if same else 0
+        entry.update(fingerprint=neus_fp["hash"], skipped=done >= cfg.neus.iterations, resumed_from_step=done,
+                     num_views=len(views))
         if not entry["skipped"]:
-            fit_neus(views, cfg.neus, ckpt, progress=progress, callback=callback)
+            stages.forget("neus")
+            fit_neus(views, cfg.neus, ckpt, progress=progress, callback=callback,
+                     checkpoint_extra={"fingerprint": neus_fp})
+        stages.finish("neus", neus_fp)
     files["checkpoint"] = ckpt
 
     mesh_paths = {fmt: out / f"mesh.{fmt}" for fmt in FORMATS}
     mesh = None
+    mesh_fp = fingerprint(neus=neus_fp["hash"], config=cfg.mesh)
     with rec.stage("mesh", device=devices["mesh"]) as entry:
-        entry["skipped"] = all(p.is_file() for p in mesh_paths.values())
+        entry["skipped"] = stages.check("mesh", mesh_fp, entry, all(p.is_file() for p in mesh_paths.values()))
         if not entry["skipped"]:
             model, _ = load_model(ckpt, cfg.neus.device)
             mesh = extract_mesh(model, cfg.mesh, views)
             export_mesh(mesh, orbit.normalization, out)
             entry.update(vertices=len(mesh.vertices), faces=len(mesh.faces), texture=cfg.mesh.texture)
+            stages.finish("mesh", mesh_fp)
     files.update(mesh_paths)
 
     sheet = out / "turntable.png"
+    sheet_fp = fingerprint(mesh=mesh_fp["hash"], views=cfg.turntable_views, resolution=cfg.turntable_resolution,
+                           elevation=cfg.turntable_elevation)
     with rec.stage("turntable", device="pyrender") as entry:
-        entry["skipped"] = sheet.is_file() and mesh is None
+        entry["skipped"] = stages.check("turntable", sheet_fp, entry, sheet.is_file())
         if not entry["skipped"]:
             from hi3d.data.mesh_io import load_world_mesh
 
             mesh = mesh if mesh is not None else load_world_mesh(mesh_paths["ply"], orbit.normalization)
             save_png(sheet, turntable(mesh, cfg))
+            stages.finish("turntable", sheet_fp)
     files["turntable"] = sheet
     rec.finish(outputs={k: str(v) for k, v in files.items()})
     return files
-
-
-def _checkpoint_step(path: Path, cfg: NeuSConfig) -> int:
-    """Step of an existing NeuS checkpoint (0 if none); error if it was made with another config."""
-    if not path.is_file():
-        return 0
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    saved, current = {**to_dict(NeuSConfig()), **ckpt["config"]}, to_dict(cfg)  # keys added since: defaults
-    if saved != current:
-        changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
-        raise Hi3DError(f"{path} was written with a different NeuS config (changed: {', '.join(changed)}); "
-                        "use a new --out folder or delete the checkpoint to start over")
-    return int(ckpt["step"])
 
 
 def turntable(mesh, cfg: ReconstructConfig) -> torch.Tensor:
