@@ -74,7 +74,10 @@ class HashGrid(nn.Module):
         frac = pos - base  # [N, L, 3], differentiable in x
         wx, wy, wz = torch.stack([1 - frac, frac], dim=-1).unbind(2)  # each [N, L, 2]
         w = (wz[..., :, None, None] * wy[..., None, :, None] * wx[..., None, None, :]).flatten(2)  # [N, L, 8]
-        feats = self.table[self._index(base.long())]  # [N, L, 8, F]
+        idx = self._index(base.long())  # [N, L, 8]
+        # index_select, not table[idx]: the backward of advanced indexing (index_put_ with accumulate) adds
+        # in a thread-dependent order on CPU, index_select's (index_add_) in a fixed one: bit-reproducible
+        feats = self.table.index_select(0, idx.flatten()).view(*idx.shape, -1)  # [N, L, 8, F]
         out = torch.einsum("nlc,nlcf->nlf", w, feats.to(x.dtype))  # [N, L, F]
         if level_mask is not None:
             out = out * level_mask.to(out)[None, :, None]
