@@ -106,3 +106,51 @@ def to_file_coords(mesh: trimesh.Trimesh, normalization: np.ndarray | torch.Tens
     out = mesh.copy()
     out.apply_transform(np.linalg.inv(np.asarray(normalization, dtype=np.float64)))
     return out
+
+
+FRAME_SUFFIX = ".frame.json"
+
+
+def frame_path(mesh_path: str | Path) -> Path:
+    """The frame record beside a mesh file: ``mesh.obj`` -> ``mesh.frame.json`` (shared by mesh.glb/.ply)."""
+    p = Path(mesh_path)
+    return p.with_name(p.stem + FRAME_SUFFIX)
+
+
+def file_up_axis(file_to_world: np.ndarray) -> str:
+    """Which file axis ends up as the world's +Z (up) under ``file_to_world``: ``+y``, ``+z``, ... (or ``other``)."""
+    R = np.asarray(file_to_world, dtype=np.float64)[:3, :3]
+    up = R.T @ np.array([0.0, 0, 1])  # the file direction that maps onto +Z (up to scale)
+    up /= max(np.linalg.norm(up), 1e-12)
+    a = int(np.argmax(np.abs(up)))
+    return f"{'+' if up[a] > 0 else '-'}{'xyz'[a]}" if abs(up[a]) > 1 - 1e-6 else "other"
+
+
+def write_frame(mesh_path: str | Path, file_to_world: np.ndarray | torch.Tensor, source: str = "") -> Path:
+    """Record beside ``mesh_path`` the frame its coordinates are in: the 4x4 ``file_to_world`` that brings them
+    into hi3d's world (the normalisation the mesh was exported through), the file's up axis, and ``source``."""
+    from hi3d.cameras import CONVENTION
+    from hi3d.io import write_json
+
+    T = np.asarray(file_to_world, dtype=np.float64)
+    path = frame_path(mesh_path)
+    write_json(path, {"convention": CONVENTION, "file_to_world": T.tolist(), "file_up": file_up_axis(T),
+                      "source": source})
+    return path
+
+
+def read_frame(mesh_path: str | Path) -> np.ndarray | None:
+    """The recorded ``file_to_world`` 4x4 of a mesh file (``write_frame``), or None when there is no record."""
+    from hi3d.cameras import CONVENTION
+    from hi3d.io import read_json
+
+    path = frame_path(mesh_path)
+    if not path.is_file():
+        return None
+    rec = read_json(path)
+    if rec.get("convention") != CONVENTION:
+        raise Hi3DError(f"{path}: convention '{rec.get('convention')}' is not '{CONVENTION}'")
+    T = np.asarray(rec.get("file_to_world"), dtype=np.float64)
+    if T.shape != (4, 4) or not np.isfinite(T).all():
+        raise Hi3DError(f"{path}: 'file_to_world' must be a finite 4x4 matrix")
+    return T

@@ -248,6 +248,39 @@ def render_views(scene_or_path: str | Path | trimesh.Scene | trimesh.Trimesh, c2
                  source=["render"] * N, meta={"mesh": source} if source else {})
 
 
+def render_depth(scene: trimesh.Scene | trimesh.Trimesh, c2w: torch.Tensor, K: torch.Tensor, width: int,
+                 height: int) -> torch.Tensor:
+    """Depth only (one pass a view, faces from both sides): ``[N, H, W]`` float32 camera z of the surface under
+    each pixel centre, 0 where the centre ray misses it. ``scene`` in world coordinates; cameras as ``render_views``."""
+    c2w = torch.as_tensor(c2w, dtype=torch.float64).reshape(-1, 4, 4)
+    K = torch.as_tensor(K, dtype=torch.float64)
+    K = K.expand(len(c2w), 3, 3) if K.ndim == 2 else K
+    geoms = _geometries(scene)
+    if not geoms:
+        raise Hi3DError("render_depth: the scene has no triangle faces")
+    pyrender = _pyrender()
+    renderer = _Renderer.get(width, height)
+    pr_scene = pyrender.Scene(bg_color=[0.0, 0.0, 0.0, 0.0])
+    for m in geoms:
+        pr_scene.add(pyrender.Mesh([pyrender.Primitive(positions=m.vertices.astype(np.float32), indices=m.faces)]))
+    lo = np.min([m.bounds[0] for m in geoms], axis=0)
+    hi = np.max([m.bounds[1] for m in geoms], axis=0)
+    center, extent = (lo + hi) / 2, float(np.linalg.norm(hi - lo) / 2)
+    cam = pyrender.IntrinsicsCamera(fx=1.0, fy=1.0, cx=0.0, cy=0.0)
+    cam_node = pr_scene.add(cam, pose=np.eye(4))
+    flags = pyrender.RenderFlags.DEPTH_ONLY | pyrender.RenderFlags.SKIP_CULL_FACES
+    depth = np.empty((len(c2w), height, width), np.float32)
+    for i in range(len(c2w)):
+        Ki = K[i].numpy()
+        cam.fx, cam.fy = Ki[0, 0], Ki[1, 1]
+        cam.cx, cam.cy = Ki[0, 2] + renderer.depth_offset[0], Ki[1, 2] + renderer.depth_offset[1]
+        cam.znear, cam.zfar = _clip_planes(c2w[i].numpy(), center, extent)
+        pr_scene.set_pose(cam_node, cameras.opencv_to_opengl(c2w[i]).numpy())
+        depth[i] = renderer.r.render(pr_scene, flags=flags)
+    pr_scene.clear()
+    return torch.from_numpy(depth)
+
+
 def _resolve(col: np.ndarray, geo: np.ndarray, shading: str, ambient: float) -> tuple[np.ndarray, np.ndarray]:
     """MSAA-resolved uint8 passes ``[H, W, 4]`` -> (rgba ``[H, W, 4]``, unit normal ``[H, W, 3]``) float32."""
     alpha = geo[..., 3:].astype(np.float32) / 255.0

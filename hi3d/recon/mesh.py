@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import trimesh
 
-from hi3d.data.mesh_io import to_file_coords
+from hi3d.data.mesh_io import to_file_coords, write_frame
 from hi3d.data.orbit import Orbit
 from hi3d.errors import Hi3DError
 from hi3d.io import atomic_path
@@ -173,7 +173,8 @@ def extract_mesh(model: NeuSModel, cfg: MeshConfig, views: Orbit | None = None) 
 
 
 def export_mesh(mesh: trimesh.Trimesh, normalization, out_dir: str | Path, name: str = "mesh") -> dict[str, Path]:
-    """Write ``name.glb``, ``name.obj`` and ``name.ply`` in the source file's coordinates (atomically).
+    """Write ``name.glb``, ``name.obj`` and ``name.ply`` in the source file's coordinates (atomically), and
+    ``name.frame.json``: the ``normalization`` they were exported through (``mesh_io.write_frame``).
 
     ``normalization [4, 4]`` is the orbit's source-file -> world transform (``cameras.json``). A textured
     mesh (``bake_texture``) gives a GLB with a baseColorTexture, ``name.obj`` + ``name.mtl`` + ``name.png``
@@ -205,4 +206,5 @@ def export_mesh(mesh: trimesh.Trimesh, normalization, out_dir: str | Path, name:
                 else:
                     file_mesh.export(tmp, file_type=fmt)
         paths[fmt] = path
+    write_frame(out / f"{name}.obj", normalization)
     return paths
