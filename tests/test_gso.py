@@ -18,7 +18,8 @@ from hi3d.eval import gso
 from hi3d.eval.commands import cli as evaluate_cli
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL = dict(num_views=3, resolution=48, input_resolution=48, num_points=4000, iou_resolution=32, lpips_net="none")
+SMALL = dict(protocol="uniform", mesh_frame="gt", num_views=3, resolution=48, input_resolution=48, num_points=4000,
+             iou_resolution=32, lpips_net="none")
 
 
 def _link_obj(src: Path, dest_dir: Path) -> None:
@@ -91,26 +92,26 @@ def test_perfect_predictions_score_perfectly(perturbed_runs):
     result, cfg = perturbed_runs[0.0]
     assert not result["failed"] and [r["object"] for r in result["rows"]] == ["bunny", "spider", "wuson"]
     for r in result["rows"]:
-        assert r["iou"] == 1.0 and r["f_score"] == 1.0 and r["chamfer"] < 1e-6
+        assert r["volume_iou"] == 1.0 and r["f_score"] == 1.0 and r["chamfer"] < 1e-6
         assert r["psnr"] == pytest.approx(100.0) and r["ssim"] == pytest.approx(1.0)
     out = Path(cfg.out)
     assert (out / "bunny" / "gt" / "cameras.json").is_file() and (out / "bunny" / "input.png").is_file()
     table = (out / "results.csv").read_text().splitlines()
     assert table[0].split(",")[:3] == ["object", "psnr", "ssim"] and table[-1].startswith("mean,")
     assert "| **mean** |" in (out / "results.md").read_text()
-    assert json.loads((out / "results.json").read_text())["mean"]["iou"] == 1.0
+    assert json.loads((out / "results.json").read_text())["mean"]["volume_iou"] == 1.0
     assert (out / "run.json").is_file()
 
 
 def test_scores_worsen_monotonically_with_perturbation(perturbed_runs):
     means = [perturbed_runs[s][0]["mean"] for s in (0.0, 0.03, 0.1)]
     for a, b in zip(means, means[1:]):
-        assert b["chamfer"] > a["chamfer"] and b["iou"] < a["iou"] and b["f_score"] <= a["f_score"]
+        assert b["chamfer"] > a["chamfer"] and b["volume_iou"] < a["volume_iou"] and b["f_score"] <= a["f_score"]
         assert b["psnr"] < a["psnr"] and b["ssim"] < a["ssim"]
     for name in ("bunny", "spider", "wuson"):
         rows = [next(r for r in perturbed_runs[s][0]["rows"] if r["object"] == name) for s in (0.0, 0.03, 0.1)]
         assert rows[0]["chamfer"] < rows[1]["chamfer"] < rows[2]["chamfer"]
-        assert rows[0]["iou"] > rows[1]["iou"] > rows[2]["iou"]
+        assert rows[0]["volume_iou"] > rows[1]["volume_iou"] > rows[2]["volume_iou"]
 
 
 def test_resume_skips_finished_and_reports_broken(perturbed_runs, gso_root, tmp_path):
@@ -149,7 +150,7 @@ def test_eval_gso_script(perturbed_runs, tmp_path, capsys):
             "--objects", "wuson", "--out", str(tmp_path / "o")] + [f"{k}={v}" for k, v in SMALL.items()]
     run = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout)["mean"]["iou"] == 1.0
+    assert json.loads(run.stdout)["mean"]["volume_iou"] == 1.0
     main = runpy.run_path(str(REPO / "scripts" / "eval_gso.py"))["main"]
     assert main(["--gso-root", str(tmp_path / "nope")]) == 2
     assert "GSO folder not found" in capsys.readouterr().err
@@ -160,14 +161,20 @@ def test_eval_gso_script(perturbed_runs, tmp_path, capsys):
 def test_evaluate_command_prints_json(perturbed_runs, gso_root, capsys):
     _, cfg = perturbed_runs[0.1]
     pred = Path(cfg.pred_dir)
-    assert evaluate_cli(["mesh", "--pred", str(pred / "bunny" / "mesh.ply"),
-                         "--gt", str(gso.gso_mesh_path(gso_root, "bunny")), "--num-points", "3000"]) == 0
+    assert evaluate_cli(["mesh", "--pred", str(pred / "bunny" / "mesh.ply"), "--gt", str(gso.gso_mesh_path(gso_root, "bunny")),
+                         "--protocol", "uniform", "--frame", "gt", "--num-points", "3000"]) == 0
     m = json.loads(capsys.readouterr().out)
-    assert 0 < m["iou"] < 1 and m["chamfer"] > 0.01
+    assert 0 < m["volume_iou"] < 1 and m["chamfer"] > 0.01 and m["protocol"] == "uniform"
     gt_views = Path(cfg.out) / "bunny" / "gt"
-    assert evaluate_cli(["views", "--pred", str(pred / "bunny" / "views"), "--gt", str(gt_views), "--lpips", ""]) == 0
+    assert evaluate_cli(["views", "--pred", str(pred / "bunny" / "views"), "--gt", str(gt_views), "--lpips", "",
+                         "--protocol", "uniform"]) == 0
     v = json.loads(capsys.readouterr().out)
     assert 5 < v["psnr"] < 60 and 0 < v["ssim"] < 1
+    with pytest.raises(gso.Hi3DError, match="no frame record"):  # a mesh without a record needs --frame
+        evaluate_cli(["mesh", "--pred", str(pred / "bunny" / "mesh.ply"), "--gt", str(gso.gso_mesh_path(gso_root, "bunny"))])
+    with pytest.raises(gso.Hi3DError, match="uniform only"):
+        evaluate_cli(["mesh", "--pred", str(pred / "bunny" / "mesh.ply"), "--gt", str(gso.gso_mesh_path(gso_root, "bunny")),
+                      "--num-points", "10"])
 
 
 def test_method_plugin_and_errors(gso_root, tmp_path):
@@ -182,7 +189,7 @@ def test_method_plugin_and_errors(gso_root, tmp_path):
 
     cfg = _cfg(gso_root, tmp_path / "o", tmp_path, objects="wuson")
     res = gso.run_gso(cfg, method=Oracle())
-    assert res["method"] == "oracle" and res["rows"][0]["iou"] == 1.0 and "psnr" not in res["rows"][0]
+    assert res["method"] == "oracle" and res["rows"][0]["volume_iou"] == 1.0 and "psnr" not in res["rows"][0]
     with pytest.raises(gso.Hi3DError, match="unknown"):
         gso.make_method(gso.GSOConfig(method="nonsense"))
     with pytest.raises(gso.Hi3DError, match="prediction folder not found"):
@@ -191,29 +198,48 @@ def test_method_plugin_and_errors(gso_root, tmp_path):
     assert len(gso.read_object_list(str(REPO / "configs" / "eval" / "gso30.txt"))) == 30
 
 
-def test_generate_method_hook(perturbed_runs, gso_root, tmp_path):
-    """GenerateMethod drives a 'hi3d generate'-style command; here a stand-in that writes the GT views and the
-    GT mesh in world scale with the +Y-up file axes, as the pipeline exports a generated mesh."""
-    _, cfg0 = perturbed_runs[0.0]
-    calls = []
+def test_generate_method_scores_generated_meshes_in_their_frame(gso_root, tmp_path):
+    """scripts/eval_gso.py method=hi3d: the real tiny pipeline (random weights, `hi3d generate` in its child
+    process) on a GSO-layout folder, syncdreamer protocol. The generated mesh is scored in the frame of the
+    orbit it was reconstructed from (stage 2's normalisation, identity for generations), which an independent
+    recomputation from the mesh file and that orbit's cameras.json confirms; the GT frame is rebuilt by hand
+    (norm_coords of the raw vertices, then SyncDreamer's camera-0-on-+X frame into hi3d's, -90° about Z)."""
+    from omegaconf import OmegaConf
 
-    def fake_generate(argv):
-        calls.append(argv)
-        out = Path(argv[argv.index("--out") + 1])
-        assert Path(argv[0]).is_file() and argv[argv.index("--elevation") + 1] == "30" and argv[-1] == "--seed=3"
-        shutil.copytree(Path(cfg0.out) / "wuson" / "gt", out / "stage2")
-        scene, _ = load_mesh(gso.gso_mesh_path(gso_root, "wuson"))
-        to_file_coords(as_trimesh(scene), gso.axis_change("mesh.ply")).export(out / "mesh.ply")
-        return 0
+    from hi3d.data.mesh_io import load_scene, load_world_mesh, read_frame
+    from hi3d.data.orbit import load_orbit
+    from hi3d.eval import syncdreamer
+    from hi3d.testing import save_tiny_weights
 
-    method = gso.GenerateMethod(args=["--seed=3"], generate_cli=fake_generate)
-    cfg = _cfg(gso_root, tmp_path / "o", tmp_path, objects="wuson", mesh_frame="axis")
-    res = gso.run_gso(cfg, method=method)
-    assert len(calls) == 1 and not res["failed"]
-    row = res["rows"][0]
-    assert row["iou"] == 1.0 and row["chamfer"] < 1e-6 and row["psnr"] == pytest.approx(100.0)
-    assert isinstance(gso.make_method(gso.GSOConfig(method="hi3d", method_options={"args": ["--stages", "all"]})),
-                      gso.GenerateMethod)
+    weights = save_tiny_weights(tmp_path / "weights")
+    fast = ["recon.gaussians.iterations=20", "recon.gaussians.num_points=500", "recon.gaussians.train_resolution=64",
+            "recon.gaussians.hull_resolution=24", "recon.neus.iterations=20", "recon.neus.batch_rays=128",
+            "recon.neus.num_samples=16", "recon.neus.num_importance=16", "recon.neus.eikonal_points=256",
+            "recon.mesh.resolution=32", "recon.turntable_views=2", "recon.turntable_resolution=32"]
+    config = tmp_path / "eval.yaml"
+    config.write_text(OmegaConf.to_yaml({"lpips_net": "none", "method_options": {
+        "args": ["--weights", str(weights), "--num-interp", "2", "--seed", "3", *fast], "views_dirs": []}}))
+    main = runpy.run_path(str(REPO / "scripts" / "eval_gso.py"))["main"]
+    out = tmp_path / "o"
+    assert main(["--gso-root", str(gso_root), "--objects", "wuson", "--out", str(out), "--method", "hi3d",
+                 "--config", str(config)]) == 0
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    pred = out / "wuson" / "pred"
+    mesh = pred / "recon" / "mesh.glb"
+    assert set(row) == {"object", "status", "chamfer", "volume_iou"} and row["chamfer"] > 0
+    orbit = load_orbit(pred / "stage2", load_depth=False)
+    np.testing.assert_allclose(read_frame(mesh), orbit.normalization.numpy())  # recorded beside the mesh
+    world = load_world_mesh(mesh, orbit.normalization)  # the frame it was generated in
+    raw = as_trimesh(load_scene(gso.gso_mesh_path(gso_root, "wuson")))
+    lo, hi = raw.vertices.min(0), raw.vertices.max(0)
+    v = (raw.vertices - (lo + hi) / 2) / (hi - lo).max()  # norm_coords; wuson is not in the turn table
+    gt = trimesh.Trimesh(np.stack([v[:, 1], -v[:, 0], v[:, 2]], 1), raw.faces, process=False)
+    expected = syncdreamer.mesh_metrics(world, gt)
+    assert row["chamfer"] == pytest.approx(expected["chamfer"], rel=1e-9)
+    assert row["volume_iou"] == pytest.approx(expected["volume_iou"], rel=1e-9)
+    md = (out / "results.md").read_text()
+    assert "| Hi3D (published, Table 2) | 0.0172 | 0.6631 |" in md and "protocol syncdreamer" in md
+    assert "| SyncDreamer (published, Table 1) | 20.05 | 0.798 | 0.146 |" in md
 
 
 def test_generate_method_child_process_failure(tmp_path):

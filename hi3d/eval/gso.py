@@ -1,10 +1,28 @@
-"""The GSO evaluation protocol (paper section 5, SyncDreamer's setup): for each object of a list, render the
-input view and the ground-truth orbit, run a method, score its views and its mesh, write tables.
+"""The GSO evaluation (paper section 5): for each object of a list, render the input view and the
+ground-truth orbit, run a method, score its views and its mesh, write tables.
 
 Layout of a local Google Scanned Objects copy: ``<gso_root>/<object>/meshes/model.obj`` (with
-``materials/textures/texture.png``). Protocol cameras: r = 1.5, vertical FOV 49.1°, one elevation
-(30° as in SyncDreamer's GSO evaluation) for all views, ``num_views`` azimuths evenly spaced from 0; the
-input view is the camera of view 0 (Hi3D's frame 0 is the input).
+``materials/textures/texture.png``). Two protocols (``GSOConfig.protocol``):
+
+- ``syncdreamer`` (default): the one behind the published Tables 1-2, exactly as SyncDreamer's
+  ``eval_mesh.py`` / ``eval_nvs.py`` (``hi3d.eval.syncdreamer``): its 16 cameras (elevation 30°, 256²,
+  35 mm lens on a 32 mm sensor), its GT frame (raw +Z-up GSO vertices, ``norm_coords``, per-object turn),
+  Chamfer between depth-map point clouds voxel-downsampled at 0.01, volume IoU by ``mesh2sdf`` at 64³,
+  torchmetrics SSIM. Camera and sampling keys are fixed (set ``protocol=uniform`` to change them).
+- ``uniform``: hi3d's own metrics (``hi3d.eval.metrics``): ``num_views`` cameras at ``elevation``, GT read
+  by ``mesh_io.load_mesh`` (file axes -> +Z up, unit cube), Chamfer/F-score from ``num_points`` samples
+  on the whole surfaces, volume IoU by ray-parity voting on an ``iou_resolution``³ grid over both meshes.
+The input view is the camera of view 0 (Hi3D's frame 0 is the input).
+
+Frames of predicted meshes (``mesh_frame``): a mesh hi3d exports has ``mesh.frame.json`` beside it
+(``mesh_io.write_frame``: the 4x4 ``file_to_world`` it was exported through and its up axis), and the
+evaluator always uses that record when present: generated meshes are in the generator's world (camera 0 =
+the input view), reconstructions of a GT orbit in the GT file's frame. For other methods' folders without
+records, say where their files are: ``world`` (hi3d's +Z-up world, camera 0 on -Y), ``syncdreamer``
+(SyncDreamer's render frame, +Z up with camera 0 on +X, where SyncDreamer and methods evaluated with its
+scripts write meshes), ``gt`` (the GT file's coordinates: the protocol's GT transform is applied),
+``axis`` (file axes, world scale) or ``normalize`` (file axes, own unit-cube normalisation). Or write a
+``mesh.frame.json`` beside each mesh. The default ``recorded`` requires the record.
 
 Output folder ``<out>``::
 
@@ -41,18 +59,30 @@ import torch
 import torch.nn.functional as F
 
 from hi3d import cameras
-from hi3d.data.mesh_io import as_trimesh, axis_change, load_mesh, load_scene, unit_cube_transform
+from hi3d.data.mesh_io import (
+    as_trimesh,
+    axis_change,
+    frame_path,
+    load_mesh,
+    load_scene,
+    read_frame,
+    unit_cube_transform,
+)
 from hi3d.data.orbit import Orbit, load_orbit, save_orbit
 from hi3d.errors import Hi3DError
-from hi3d.eval import metrics
+from hi3d.eval import metrics, syncdreamer
 from hi3d.io import read_json, save_png, write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
 MESH_SUFFIXES = (".obj", ".glb", ".gltf", ".ply", ".stl", ".off")
-MESH_FRAMES = ("gt", "axis", "normalize", "world")
+MESH_FRAMES = ("recorded", "world", "syncdreamer", "gt", "axis", "normalize")
+PROTOCOLS = ("syncdreamer", "uniform")
 VIEW_KEYS = ("psnr", "ssim", "lpips")
-MESH_KEYS = ("chamfer", "iou", "f_score", "precision", "recall")
+MESH_KEYS = ("chamfer", "volume_iou", "f_score", "precision", "recall")
+# the paper's Tables 1 (GSO views: PSNR, SSIM, LPIPS) and 2 (GSO meshes: Chamfer, volume IoU), SyncDreamer protocol
+PUBLISHED_VIEWS = {"Hi3D": (24.26, 0.864, 0.119), "EpiDiff": (20.49, 0.855, 0.128), "SyncDreamer": (20.05, 0.798, 0.146)}
+PUBLISHED_MESHES = {"Hi3D": (0.0172, 0.6631), "Wonder3D": (0.0199, 0.6244), "SyncDreamer": (0.0261, 0.5421)}
 
 
 @dataclasses.dataclass
@@ -65,22 +95,52 @@ class GSOConfig:
     method: str = "folder"  # a name in METHODS or "package.module:factory"
     method_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # kwargs of the method factory
     pred_dir: str = ""  # FolderMethod: <pred_dir>/<object>/mesh.* and <pred_dir>/<object>/views/
-    mesh_frame: str = "gt"  # predicted mesh coordinates: gt | axis | normalize | world (see load_pred_mesh)
+    protocol: str = "syncdreamer"  # syncdreamer (published tables) | uniform (see the module docstring)
+    rotation_table: str = syncdreamer.ROTATION_TABLE  # syncdreamer: per-object GT turn (get_gt_rotate_angle)
+    mesh_frame: str = "recorded"  # predicted meshes without a frame record: world | syncdreamer | gt | axis | normalize
+    # cameras: fixed by the syncdreamer protocol (16 views, 30°, 256², r 1.5, 35 mm on 32 mm); free under uniform
     elevation: float = 30.0  # degrees, input view and all GT views
     num_views: int = 16
     resolution: int = 256  # GT views, pixels (predicted views are resized to it)
     input_resolution: int = 256  # the input view given to the method
     radius: float = cameras.DEFAULT_RADIUS
-    fov: float = cameras.DEFAULT_FOV_DEG
+    fov: float | None = None  # vertical, degrees; None: the protocol's (syncdreamer 49.13°, uniform 49.1°)
     shading: str = "lambert"  # renderer shading of GT views (hi3d.data.render)
     score_input_view: bool = True  # include view 0 (the input camera) in the view metrics
+    # uniform protocol only (syncdreamer: prediction as is, depth clouds, mesh2sdf at 64³)
     align: str = "none"  # none | icp
     num_points: int = 100_000  # surface samples for Chamfer / F-score
     iou_resolution: int = 64
     fscore_threshold: float = 0.05  # world units (object fits the unit cube)
     lpips_net: str = "vgg"  # vgg | alex | none
     lpips_weights: str = ""  # torchvision backbone file; default: torch hub cache; missing -> LPIPS skipped
-    seed: int = 0
+    seed: int = 0  # uniform: surface sampling and ICP
+
+
+# keys the syncdreamer protocol fixes (its cameras) or has no use for (uniform sampling): must stay at default
+SYNCDREAMER_FIXED = {"elevation": syncdreamer.ELEVATION_DEG, "num_views": syncdreamer.NUM_VIEWS,
+                     "resolution": syncdreamer.RESOLUTION, "radius": syncdreamer.RADIUS, "fov": None}
+UNIFORM_ONLY = ("align", "num_points", "iou_resolution", "fscore_threshold", "seed")
+
+
+def check_config(cfg: GSOConfig) -> None:
+    """Clear errors for unknown choices and for keys the chosen protocol does not use."""
+    if cfg.protocol not in PROTOCOLS:
+        raise Hi3DError(f"protocol '{cfg.protocol}' unknown (use one of {PROTOCOLS})")
+    if cfg.align not in metrics.ALIGN_MODES:
+        raise Hi3DError(f"align '{cfg.align}' unknown (use one of {metrics.ALIGN_MODES})")
+    if cfg.mesh_frame not in MESH_FRAMES:
+        raise Hi3DError(f"mesh_frame '{cfg.mesh_frame}' unknown (use one of {MESH_FRAMES})")
+    if cfg.protocol == "syncdreamer":
+        default = GSOConfig()
+        for key, value in SYNCDREAMER_FIXED.items():
+            if getattr(cfg, key) != value:
+                raise Hi3DError(f"protocol syncdreamer fixes {key} = {value} (got {getattr(cfg, key)}); "
+                                f"set protocol=uniform to change the cameras")
+        for key in UNIFORM_ONLY:
+            if getattr(cfg, key) != getattr(default, key):
+                raise Hi3DError(f"{key} applies to protocol=uniform only (the syncdreamer protocol has no such "
+                                f"setting); drop it or set protocol=uniform")
 
 
 # ------------------------------------------------------------------------------------------- methods
@@ -139,7 +199,7 @@ class GenerateMethod:
     def __init__(self, args: list[str] | None = None, views_dirs: list[str] | None = None,
                  generate_cli: Callable[[list[str]], int | None] | None = None):
         self.args = list(args or [])
-        self.views_dirs = list(views_dirs or ["stage2", "stage1", "views"])
+        self.views_dirs = list(["stage2", "stage1", "views"] if views_dirs is None else views_dirs)
         self.generate_cli = generate_cli
 
     def predict(self, input_rgba, elevation, out_dir, object_name):
@@ -203,32 +263,56 @@ def gso_mesh_path(gso_root: str | Path, name: str) -> Path:
 
 
 def protocol_cameras(cfg: GSOConfig, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(c2w [num_views, 4, 4], K [3, 3])`` of the protocol orbit."""
+    """``(c2w [num_views, 4, 4], K [3, 3])`` of the protocol orbit at ``resolution``²."""
+    if cfg.protocol == "syncdreamer":
+        c2w, K = syncdreamer.protocol_cameras()
+        return c2w, cameras.scale_intrinsics(K, resolution / syncdreamer.RESOLUTION)
     c2w, _, _ = cameras.orbit_poses(cfg.num_views, cfg.elevation, cfg.radius, 0.0)
-    return c2w, cameras.intrinsics(resolution, resolution, cfg.fov)
+    return c2w, cameras.intrinsics(resolution, resolution, cameras.DEFAULT_FOV_DEG if cfg.fov is None else cfg.fov)
 
 
-def render_ground_truth(mesh_path: Path, cfg: GSOConfig, obj_dir: Path) -> tuple[Orbit, torch.Tensor]:
-    """GT orbit (cached in ``obj_dir/gt``) and the input view ``[H, W, 4]`` (``obj_dir/input.png``)."""
+def load_ground_truth(mesh_path: str | Path, cfg: GSOConfig, name: str | None = None):
+    """``(scene in hi3d's world, file -> world 4x4)`` of a GT mesh under ``cfg.protocol``: syncdreamer's
+    ``transform_gt`` with the object's turn (``name``, default the folder above ``meshes/``), or
+    ``mesh_io.load_mesh`` under uniform."""
+    if cfg.protocol != "syncdreamer":
+        return load_mesh(mesh_path)
+    name = name or gso_object_name(mesh_path)
+    scene = load_scene(mesh_path)
+    T = syncdreamer.gt_transform(as_trimesh(scene).vertices, syncdreamer.rotation_table(cfg.rotation_table).get(name, 0.0))
+    scene.apply_transform(T)
+    return scene, T
+
+
+def gso_object_name(mesh_path: str | Path) -> str:
+    """``<root>/<name>/meshes/model.obj`` -> ``name``; any other file: its stem."""
+    p = Path(mesh_path)
+    return p.parent.parent.name if p.parent.name == "meshes" else p.stem
+
+
+def render_ground_truth(mesh_path: Path, cfg: GSOConfig, obj_dir: Path, name: str | None = None) -> tuple[Orbit, torch.Tensor]:
+    """GT orbit (cached in ``obj_dir/gt``) and the input view ``[H, W, 4]`` (``obj_dir/input.png``), rendered
+    from the GT in the protocol's frame (``load_ground_truth``); a cache made otherwise is redone."""
     from hi3d.data.render import render_views
     from hi3d.io import load_png
 
     gt_dir, input_png = obj_dir / "gt", obj_dir / "input.png"
+    scene, norm = load_ground_truth(mesh_path, cfg, name)
+    c2w, K = protocol_cameras(cfg, cfg.resolution)
     if (gt_dir / "cameras.json").is_file() and input_png.is_file():
         gt = load_orbit(gt_dir, load_depth=False)
-        if len(gt) == cfg.num_views and gt.height == cfg.resolution and \
-                abs(float(gt.elevation_deg[0]) - cfg.elevation) < 1e-6:
+        if len(gt) == len(c2w) and gt.height == cfg.resolution and torch.allclose(gt.c2w, c2w, atol=1e-6) and \
+                torch.allclose(gt.K[0], K, atol=1e-6) and np.allclose(gt.normalization.numpy(), norm, atol=1e-9):
             return gt, load_png(input_png)
-    scene, norm = load_mesh(mesh_path)
-    c2w, K = protocol_cameras(cfg, cfg.resolution)
     gt = render_views(scene, c2w, K, cfg.resolution, cfg.resolution, normalization=norm, shading=cfg.shading)
-    gt.elevation_deg = torch.full((cfg.num_views,), float(cfg.elevation), dtype=torch.float64)
-    gt.azimuth_deg = cameras.orbit_azimuths(cfg.num_views).to(torch.float64)
-    gt.meta = {"mesh": str(mesh_path)}
+    n = len(c2w)
+    gt.elevation_deg = torch.full((n,), float(cfg.elevation), dtype=torch.float64)
+    gt.azimuth_deg = cameras.orbit_azimuths(n).to(torch.float64)
+    gt.meta = {"mesh": str(mesh_path), "protocol": cfg.protocol}
     if cfg.input_resolution == cfg.resolution:
         inp = gt.rgba[0]
     else:
-        K_in = cameras.intrinsics(cfg.input_resolution, cfg.input_resolution, cfg.fov)
+        K_in = protocol_cameras(cfg, cfg.input_resolution)[1]
         inp = render_views(scene, c2w[:1], K_in, cfg.input_resolution, cfg.input_resolution,
                            normalization=norm, shading=cfg.shading).rgba[0]
     save_png(input_png, inp)
@@ -240,14 +324,23 @@ def render_ground_truth(mesh_path: Path, cfg: GSOConfig, obj_dir: Path) -> tuple
 def load_pred_mesh(path: str | Path, frame: str, gt_normalization: np.ndarray | None = None):
     """A predicted mesh file as one world-space Trimesh.
 
-    ``frame``: ``gt`` — in the ground-truth file's coordinates (hi3d exports reconstructions of a GT orbit
-    there), the GT's import transform is applied; ``axis`` — world scale but the file's axis convention
-    (hi3d's exported generations: +Y up for OBJ/PLY/GLB), only the axis change; ``normalize`` — axis change
-    and its own unit-cube normalisation (aligns scale and centre, as SyncDreamer's ``norm_coords``);
-    ``world`` — already in hi3d's +Z-up world.
+    A frame record beside the file (``mesh.frame.json``, ``mesh_io.write_frame``) is always used. Without one,
+    ``frame`` says where the coordinates are: ``recorded`` — nowhere known: an error; ``world`` — hi3d's
+    +Z-up world; ``syncdreamer`` — SyncDreamer's render frame (+Z up, camera 0 on +X); ``gt`` — the
+    ground-truth file's coordinates, the GT's transform ``gt_normalization`` is applied; ``axis`` — world
+    scale in the file's axis convention, only the axis change; ``normalize`` — axis change and its own
+    unit-cube normalisation.
     """
     scene = load_scene(path)
-    if frame == "gt":
+    recorded = read_frame(path)
+    if recorded is not None:
+        scene.apply_transform(recorded)
+    elif frame == "recorded":
+        raise Hi3DError(f"{path}: no frame record {frame_path(path).name} beside it; write one (see "
+                        f"hi3d.data.mesh_io.write_frame) or set mesh_frame to one of {MESH_FRAMES[1:]}")
+    elif frame == "syncdreamer":
+        scene.apply_transform(syncdreamer.SYNCDREAMER_TO_WORLD)
+    elif frame == "gt":
         if gt_normalization is None:
             raise Hi3DError("mesh frame 'gt' needs the ground truth's normalization")
         scene.apply_transform(np.asarray(gt_normalization, dtype=np.float64))
@@ -271,7 +364,8 @@ def resize_views(rgb: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def score_views(pred: Orbit, gt: Orbit, cfg: GSOConfig, lpips_model=None) -> dict[str, float]:
-    """PSNR/SSIM(/LPIPS) of predicted views on white against GT views on white at GT resolution."""
+    """PSNR/SSIM(/LPIPS) of predicted views on white against GT views on white at GT resolution, by the
+    protocol's definitions (``syncdreamer.view_metrics`` or ``metrics.view_metrics``)."""
     if len(pred) != len(gt):
         raise Hi3DError(f"method returned {len(pred)} views, the protocol has {len(gt)}")
     d_az = (pred.azimuth_deg - gt.azimuth_deg + 180) % 360 - 180
@@ -281,15 +375,20 @@ def score_views(pred: Orbit, gt: Orbit, cfg: GSOConfig, lpips_model=None) -> dic
     p, g = resize_views(pred.rgb_on_white(), gt.height), gt.rgb_on_white()
     if not cfg.score_input_view:
         p, g = p[1:], g[1:]
-    return metrics.view_metrics(p, g, lpips_model)
+    return (syncdreamer.view_metrics if cfg.protocol == "syncdreamer" else metrics.view_metrics)(p, g, lpips_model)
 
 
-def score_mesh(pred_path: Path, gt_path: Path, cfg: GSOConfig) -> dict[str, float]:
-    gt_scene, gt_norm = load_mesh(gt_path)
+def score_mesh(pred_path: Path, gt_path: Path, cfg: GSOConfig, name: str | None = None) -> dict[str, float]:
+    """Mesh scores of a predicted mesh file against a GT file under ``cfg.protocol``: syncdreamer
+    ``{chamfer, volume_iou}``, uniform also ``f_score``, ``precision``, ``recall``."""
+    gt_scene, gt_norm = load_ground_truth(gt_path, cfg, name)
     gt = as_trimesh(gt_scene)
     pred = load_pred_mesh(pred_path, cfg.mesh_frame, gt_norm)
-    return metrics.mesh_metrics(pred, gt, cfg.align, cfg.num_points, cfg.fscore_threshold, cfg.iou_resolution,
-                                cfg.seed)
+    if cfg.protocol == "syncdreamer":
+        return syncdreamer.mesh_metrics(pred, gt)
+    m = metrics.mesh_metrics(pred, gt, cfg.align, cfg.num_points, cfg.fscore_threshold, cfg.iou_resolution, cfg.seed)
+    m["volume_iou"] = m.pop("iou")
+    return {k: m[k] for k in MESH_KEYS}
 
 
 def make_lpips(cfg: GSOConfig):
@@ -311,13 +410,13 @@ def evaluate_object(name: str, cfg: GSOConfig, method: Method, lpips_model=None)
     mesh_path = gso_mesh_path(cfg.gso_root, name)
     if not mesh_path.is_file():
         raise Hi3DError(f"GSO mesh not found: {mesh_path}")
-    gt, inp = render_ground_truth(mesh_path, cfg, obj_dir)
+    gt, inp = render_ground_truth(mesh_path, cfg, obj_dir, name)
     views, pred_mesh = method.predict(inp, cfg.elevation, obj_dir / "pred", name)
     row: dict[str, Any] = {"object": name, "status": "ok"}
     if views is not None:
         row.update(score_views(views, gt, cfg, lpips_model))
     if pred_mesh is not None:
-        row.update(score_mesh(Path(pred_mesh), mesh_path, cfg))
+        row.update(score_mesh(Path(pred_mesh), mesh_path, cfg, name))
     write_json(obj_dir / "metrics.json", row)
     return row
 
@@ -328,10 +427,7 @@ def run_gso(cfg: GSOConfig, method: Method | None = None) -> dict[str, Any]:
     ``results.json``, ``results.csv``, ``results.md``)."""
     from hi3d.provenance import RunRecord
 
-    if cfg.align not in metrics.ALIGN_MODES:
-        raise Hi3DError(f"align '{cfg.align}' unknown (use one of {metrics.ALIGN_MODES})")
-    if cfg.mesh_frame not in MESH_FRAMES:
-        raise Hi3DError(f"mesh_frame '{cfg.mesh_frame}' unknown (use one of {MESH_FRAMES})")
+    check_config(cfg)
     if not cfg.gso_root or not Path(cfg.gso_root).is_dir():
         raise Hi3DError(f"GSO folder not found: '{cfg.gso_root}' (set gso_root=<folder with <object>/meshes/model.obj>)")
     names = read_object_list(cfg.objects)
@@ -357,7 +453,8 @@ def run_gso(cfg: GSOConfig, method: Method | None = None) -> dict[str, Any]:
                 write_bytes(out / name / "error.txt", traceback.format_exc().encode())
                 failed.append({"object": name, "error": msg})
         entry.update(objects=len(names), scored=len(rows), failed=len(failed), skipped=len(skipped))
-    result = {"method": getattr(method, "name", cfg.method), "rows": rows, "mean": mean_row(rows),
+    result = {"method": getattr(method, "name", cfg.method), "protocol": cfg.protocol, "rows": rows,
+              "mean": mean_row(rows),
               "failed": failed, "skipped": skipped}
     write_tables(out, result)
     rec.finish(failed=[f["object"] for f in failed])
@@ -387,7 +484,9 @@ def write_tables(out: Path, result: dict) -> None:
     for f in result["failed"]:
         w.writerow([f["object"]] + ["failed"] * len(keys))
     write_bytes(out / "results.csv", buf.getvalue().encode())
-    write_bytes(out / "results.md", markdown_table(rows, mean, keys, result["failed"]).encode())
+    md = markdown_table(rows, mean, keys, result["failed"])
+    md += published_tables(mean, len(rows), result.get("method", ""), result.get("protocol", "syncdreamer"))
+    write_bytes(out / "results.md", md.encode())
 
 
 def markdown_table(rows: list[dict], mean: dict, keys: list[str], failed: list[dict] = ()) -> str:
@@ -396,4 +495,18 @@ def markdown_table(rows: list[dict], mean: dict, keys: list[str], failed: list[d
         lines.append(f"| {r['object']} | " + " | ".join(f"{r[k]:.4f}" if k in r else "" for k in keys) + " |")
     if failed:
         lines += ["", "Failed: " + ", ".join(f"{f['object']} ({f['error']})" for f in failed)]
+    return "\n".join(lines) + "\n"
+
+
+def published_tables(mean: dict, n: int, method: str, protocol: str) -> str:
+    """Our means beside the paper's Table 1 (views) and Table 2 (meshes) rows, marked as published figures."""
+    ours = f"ours: {method or 'method'} ({n} objects, protocol {protocol})"
+    fmt = lambda key, digits: f"{mean[key]:.{digits}f}" if key in mean else "–"  # noqa: E731
+    lines = ["", "Beside the paper (published: Hi3D, arXiv 2409.07452, Tables 1-2, 30 GSO objects, SyncDreamer "
+             "protocol; not measured here):", "", "| novel views | PSNR ↑ | SSIM ↑ | LPIPS ↓ |", "|---|---|---|---|",
+             f"| {ours} | {fmt('psnr', 2)} | {fmt('ssim', 3)} | {fmt('lpips', 3)} |"]
+    lines += [f"| {k} (published, Table 1) | {a:.2f} | {b:.3f} | {c:.3f} |" for k, (a, b, c) in PUBLISHED_VIEWS.items()]
+    lines += ["", "| meshes | Chamfer ↓ | Vol. IoU ↑ |", "|---|---|---|",
+              f"| {ours} | {fmt('chamfer', 4)} | {fmt('volume_iou', 4)} |"]
+    lines += [f"| {k} (published, Table 2) | {a:.4f} | {b:.4f} |" for k, (a, b) in PUBLISHED_MESHES.items()]
     return "\n".join(lines) + "\n"
