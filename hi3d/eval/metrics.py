@@ -282,15 +282,9 @@ def _axis_crossings(tris: np.ndarray, axes: tuple[np.ndarray, ...], axis: int, c
     return np.concatenate(cols), np.concatenate(coords)
 
 
-def occupancy(mesh: trimesh.Trimesh, bounds: np.ndarray, resolution: int = IOU_RESOLUTION) -> np.ndarray:
-    """``[R, R, R]`` bool occupancy of the grid cell centres (indexed x, y, z) by ray-parity voting.
-
-    For each of the 6 directions ±x, ±y, ±z a ray from every cell centre counts its crossings with the
-    surface; an odd count is a vote for "inside". A centre is inside with at least 4 of 6 votes. For a
-    closed surface all 6 agree; holes and stray open sheets flip only the few rays that pass through them,
-    so non-watertight meshes still give the right volume. (Interpenetrating closed parts: their overlap
-    counts as outside, as parity defines it.)
-    """
+def occupancy_votes(mesh: trimesh.Trimesh, bounds: np.ndarray, resolution: int = IOU_RESOLUTION) -> np.ndarray:
+    """``[R, R, R]`` int8: for each grid cell centre (indexed x, y, z), how many of the 6 rays ±x, ±y, ±z
+    from it cross the surface an odd number of times (votes for "inside", 0..6)."""
     tris = np.asarray(mesh.triangles, dtype=np.float64)
     axes = grid_points(bounds, resolution)
     R = resolution
@@ -306,7 +300,22 @@ def occupancy(mesh: trimesh.Trimesh, bounds: np.ndarray, resolution: int = IOU_R
         v = (below % 2 == 1).astype(np.int8) + ((total - below) % 2 == 1).astype(np.int8)  # [R*R (u,v), R]
         v = v.reshape(R, R, R)  # (u, v, axis) -> move axis into place
         votes += np.moveaxis(v, 2, axis)
-    return votes >= 4
+    return votes
+
+
+def occupancy(mesh: trimesh.Trimesh, bounds: np.ndarray, resolution: int = IOU_RESOLUTION) -> np.ndarray:
+    """``[R, R, R]`` bool occupancy of the grid cell centres (indexed x, y, z) by ray-parity voting: inside
+    with at least 4 of the 6 votes of ``occupancy_votes``.
+
+    For a closed surface all 6 agree. On an open mesh the vote closes it up: a cavity or a region behind a
+    hole that is walled on at least 4 of the 6 axis directions counts as solid (a cup's inside, a scan's open
+    bottom, the body behind a missing patch). That is why this IoU reads higher than the SyncDreamer
+    protocol's ``mesh2sdf`` sign (parity along grid lines) or trimesh's containment on open meshes: both
+    leave such regions partly empty, and thin or hollow volumes lose more overlap under a misalignment
+    than filled ones. ``scripts/benchmarks/gso_protocols.py`` measures the gap. (Interpenetrating closed
+    parts: their overlap counts as outside, as parity defines it.)
+    """
+    return occupancy_votes(mesh, bounds, resolution) >= 4
 
 
 def iou_bounds(*meshes: trimesh.Trimesh, pad: float = 0.02) -> np.ndarray:
