@@ -261,8 +261,9 @@ def render_depth(scene: trimesh.Scene | trimesh.Trimesh, c2w: torch.Tensor, K: t
     pyrender = _pyrender()
     renderer = _Renderer.get(width, height)
     pr_scene = pyrender.Scene(bg_color=[0.0, 0.0, 0.0, 0.0])
-    for m in geoms:
-        pr_scene.add(pyrender.Mesh([pyrender.Primitive(positions=m.vertices.astype(np.float32), indices=m.faces)]))
+    for m in geoms:  # both windings: the depth-only pass culls back faces whatever the flags say
+        faces = np.concatenate([m.faces, m.faces[:, ::-1]])
+        pr_scene.add(pyrender.Mesh([pyrender.Primitive(positions=m.vertices.astype(np.float32), indices=faces)]))
     lo = np.min([m.bounds[0] for m in geoms], axis=0)
     hi = np.max([m.bounds[1] for m in geoms], axis=0)
     center, extent = (lo + hi) / 2, float(np.linalg.norm(hi - lo) / 2)
