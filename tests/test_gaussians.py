@@ -176,3 +176,56 @@ def test_acceptance_bunny_256_interpolated_views_psnr(tmp_path):
     gt = render_views(mesh, views.c2w, orbit.K[0], 256, 256, with_depth=False)
     value = psnr(views.rgb_on_white(), gt.rgb_on_white()).mean().item()
     assert value >= 26.0, value
+
+
+def _sh_basis_reference(d: torch.Tensor) -> torch.Tensor:
+    """Real SH basis up to degree 3 at unit directions ``d [N, 3]`` -> ``[N, 16]``, written out in plain torch
+    (the polynomials and signs of 3DGS's ``sh_utils.eval_sh``; Sloan's "Stupid SH tricks" table)."""
+    x, y, z = d.unbind(-1)
+    xx, yy, zz = x * x, y * y, z * z
+    return torch.stack([
+        torch.full_like(x, 0.28209479177387814),
+        -0.4886025119029199 * y, 0.4886025119029199 * z, -0.4886025119029199 * x,
+        1.0925484305920792 * x * y, -1.0925484305920792 * y * z, 0.31539156525252005 * (2 * zz - xx - yy),
+        -1.0925484305920792 * x * z, 0.5462742152960396 * (xx - yy),
+        -0.5900435899266435 * y * (3 * xx - yy), 2.890611442640554 * x * y * z,
+        -0.4570457994644658 * y * (4 * zz - xx - yy), 0.3731763325901154 * z * (2 * zz - 3 * xx - 3 * yy),
+        -0.4570457994644658 * x * (4 * zz - xx - yy), 1.445305721320277 * z * (xx - yy),
+        -0.5900435899266435 * x * (xx - 3 * yy)], -1)
+
+
+def _sh_basis_of_model(degree: int, dirs: torch.Tensor, scale: float = 0.1) -> torch.Tensor:
+    """Basis values seen through ``GaussianModel.colors`` (gsplat's SH helper when ``sh_degree > 0``): one Gaussian
+    per direction and basis function with that coefficient set to ``scale`` (colour = scale·Y + 0.5, unclamped)."""
+    n, k = dirs.shape[0], (degree + 1) ** 2
+    coeffs = torch.zeros(n, k, k, 3, dtype=torch.float64)
+    coeffs[:, torch.arange(k), torch.arange(k)] = scale
+    coeffs = coeffs.flatten(0, 1)
+    means = dirs.repeat_interleave(k, 0) * 3.0  # camera at the origin: view direction = the mean's direction
+    model = GaussianModel(means, torch.zeros(n * k, 3), torch.zeros(n * k, 4), torch.zeros(n * k), coeffs[:, :1],
+                          coeffs[:, 1:], sh_degree=degree)
+    return ((model.colors(torch.zeros(3, dtype=torch.float64)) - 0.5) / scale)[:, 0].reshape(n, k)
+
+
+@pytest.mark.parametrize("degree", [1, 2, 3])
+def test_sh_colours_match_plain_torch_spherical_harmonics(degree):
+    g = torch.Generator().manual_seed(0)
+    dirs = torch.nn.functional.normalize(torch.randn(64, 3, generator=g, dtype=torch.float64), dim=-1)
+    k = (degree + 1) ** 2
+    torch.testing.assert_close(_sh_basis_of_model(degree, dirs), _sh_basis_reference(dirs)[:, :k], atol=1e-9, rtol=1e-7)
+    # an orthonormal basis on the sphere (independent of the table): Gram matrix over a Fibonacci sphere = I
+    n = 20000
+    i = torch.arange(n, dtype=torch.float64) + 0.5
+    z, phi = 1 - 2 * i / n, i * torch.pi * (3 - 5 ** 0.5)
+    sphere = torch.stack([(1 - z * z).sqrt() * phi.cos(), (1 - z * z).sqrt() * phi.sin(), z], -1)
+    Y = _sh_basis_of_model(degree, sphere)
+    torch.testing.assert_close(Y.T @ Y * (4 * torch.pi / n), torch.eye(k, dtype=torch.float64), atol=2e-3, rtol=0)
+    # the colour depends on the direction only (means at any distance), and gradients reach every band
+    model = GaussianModel(dirs * 7.0, torch.zeros(64, 3), torch.zeros(64, 4), torch.zeros(64),
+                          torch.randn(64, 1, 3, generator=g, dtype=torch.float64) * 0.1,
+                          torch.randn(64, k - 1, 3, generator=g, dtype=torch.float64) * 0.1, sh_degree=degree)
+    expected = (torch.cat([model.params["sh0"], model.params["shN"]], 1) * _sh_basis_reference(dirs)[:, :k, None]).sum(1)
+    colours = model.colors(torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(colours, (expected + 0.5).clamp_min(0))
+    colours.sum().backward()
+    assert model.params["shN"].grad.abs().amax(dim=(0, 2)).min() > 0

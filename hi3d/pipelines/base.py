@@ -15,6 +15,7 @@ import torch
 
 from hi3d.models import edm, sampler
 from hi3d.models.svd import PIPELINE_FILE, decode_latents, module_device_dtype, save_stage_folder
+from hi3d.pipelines.placement import Placement
 
 
 class VideoDiffusionPipeline:
@@ -33,6 +34,7 @@ class VideoDiffusionPipeline:
         for name in names:
             setattr(self, name, components.get(name))
         self.config = config if config is not None else self.config_class()
+        self.placement = Placement("cpu")  # resident: components stay where they are
 
     @classmethod
     def component_names(cls) -> list[str]:
@@ -67,14 +69,21 @@ class VideoDiffusionPipeline:
     def modules(self) -> list[torch.nn.Module]:
         return [m for n in self.component_names() if isinstance(m := getattr(self, n), torch.nn.Module)]
 
-    def to(self, device=None, dtype=None):
-        for m in self.modules():
-            m.to(device=device, dtype=dtype)
+    def to(self, device=None, dtype=None, low_memory: bool | None = None):
+        """Components to ``device`` (default: the current one), or with ``low_memory`` (default: the config's,
+        if it has one) kept on the CPU and moved to an accelerator ``device`` around each use."""
+        low_memory = getattr(self.config, "low_memory", False) if low_memory is None else low_memory
+        return self.place(Placement.decide(self.device if device is None else device, low_memory), dtype)
+
+    def place(self, placement: Placement, dtype=None):
+        self.placement = placement
+        placement.place(self.modules(), dtype)
         return self
 
     @property
     def device(self) -> torch.device:
-        return module_device_dtype(self.unet)[0]
+        """Where the components run (under offload they live on the CPU between uses)."""
+        return self.placement.compute_device if self.placement.offload else module_device_dtype(self.unet)[0]
 
     def sample_latents(self, concat: torch.Tensor, clip: torch.Tensor, ids: torch.Tensor,
                        generators: Sequence[torch.Generator | None], num_inference_steps: int, min_guidance: float,

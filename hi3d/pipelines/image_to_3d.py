@@ -125,7 +125,8 @@ class ImageTo3D:
         if self._stage1 is None:
             from hi3d.pipelines.orbit import OrbitPipeline
 
-            pipe = OrbitPipeline.from_pretrained(self._folder("stage1"), torch_dtype=self.dtype, device=self.device)
+            pipe = OrbitPipeline.from_pretrained(self._folder("stage1"), torch_dtype=self.dtype).to(
+                self.device, low_memory=self.cfg.low_memory)  # low_memory: stage 1 off the GPU while stage 2 runs
             if pipe.unet.config.in_channels != 8:
                 raise Hi3DError(f"incompatible checkpoint shapes: {self._folder('stage1')}/unet takes "
                                 f"{pipe.unet.config.in_channels} input channels, a stage-1 model takes 8 — is a stage-2 "
@@ -139,8 +140,7 @@ class ImageTo3D:
             from hi3d.pipelines.refine import RefinePipeline
 
             self._stage2 = RefinePipeline.from_pretrained(
-                self._folder("stage2"), torch_dtype=self.dtype,
-                device=None if self.cfg.low_memory else self.device,
+                self._folder("stage2"), torch_dtype=self.dtype, device=self.device,  # placement: from the config
                 low_memory=self.cfg.low_memory, use_depth=self.cfg.stage2 != "no_depth")
         return self._stage2
 
@@ -264,8 +264,8 @@ class ImageTo3D:
                 if cfg.stage2 == "full":
                     from hi3d.models.depth import normalise_per_frame
 
-                    with torch.no_grad():
-                        depth = normalise_per_frame(pipe.depth.predict(frames.to(self.device)).cpu())
+                    with torch.no_grad(), pipe.placement.use(pipe.depth):
+                        depth = normalise_per_frame(pipe.depth.predict(frames.to(pipe.device)).cpu())
                     for i, d in enumerate(depth):
                         save_png(out / "depth" / f"{i:03d}.png", d[..., None])
                 framed = out / "input_framed.png"  # stage 1 keeps its sampled frame 0; stage 2 pastes the input

@@ -92,15 +92,21 @@ class OrbitPipeline(VideoDiffusionPipeline):
         B = image.shape[0]
         gens = sampler.video_generators(generators, B)
         x_m11 = image.to(device, torch.float32) * 2 - 1
-        clip = clip_embed(self.image_encoder, self.feature_extractor, x_m11).float()
-        cond = encode_condition(self.vae, x_m11 + aug * sampler.batch_randn(gens, x_m11.shape[1:], device)).float()
+        with self.placement.use(self.image_encoder):
+            clip = clip_embed(self.image_encoder, self.feature_extractor, x_m11).float()
+        with self.placement.use(self.vae):
+            cond = encode_condition(self.vae, x_m11 + aug * sampler.batch_randn(gens, x_m11.shape[1:], device)).float()
         concat = cond.unsqueeze(1).expand(-1, cfg.num_frames, -1, -1, -1)
         elevation = torch.as_tensor(elevation, dtype=torch.float32, device=device).reshape(-1).expand(B)
-        ids = added_time_ids(cfg.slots, elevation, torch.full((B,), aug, device=device), self.aesthetic_score(x_m11))
-        x = self.sample_latents(concat, clip, ids, gens, num_inference_steps or cfg.num_inference_steps,
-                                cfg.min_guidance if min_guidance is None else min_guidance,
-                                cfg.max_guidance if max_guidance is None else max_guidance)
-        frames = self.decode(x, decode_chunk_size or cfg.decode_chunk_size)
+        with self.placement.use(self.aesthetic):
+            score = self.aesthetic_score(x_m11)
+        ids = added_time_ids(cfg.slots, elevation, torch.full((B,), aug, device=device), score)
+        with self.placement.use(self.unet):
+            x = self.sample_latents(concat, clip, ids, gens, num_inference_steps or cfg.num_inference_steps,
+                                    cfg.min_guidance if min_guidance is None else min_guidance,
+                                    cfg.max_guidance if max_guidance is None else max_guidance)
+        with self.placement.use(self.vae):
+            frames = self.decode(x, decode_chunk_size or cfg.decode_chunk_size)
         if cfg.replace_first_frame:
             frames[:, 0] = image.to(frames)
         return frames.cpu()

@@ -15,15 +15,12 @@ use ``upsample(frames, size)`` (the same upsampling the refiner starts from) ins
 
 ``low_memory=True``: VAE encode one frame and decode ≤ 2 frames at a time (the temporal decoder mixes the
 frames of a chunk, so the chunk size changes the output slightly, as SVD's ``decode_chunk_size``), conditional and
-unconditional UNet passes one after the other (not batched), SDPA attention processors, and model CPU offload: on CUDA every model
-lives on the CPU and is moved to the GPU only while it runs (diffusers' "model CPU offload" behaviour,
-done by explicit moves because the SVD helpers place inputs on a module's parameter device); on a CPU
-device offloading is a no-op.
+unconditional UNet passes one after the other (not batched), and on an accelerator whole-model CPU offload
+(``hi3d.pipelines.placement``: each component visits the device only while it runs).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -66,42 +63,6 @@ class RefinePipeline(VideoDiffusionPipeline):
     def __init__(self, unet, vae, image_encoder, feature_extractor, depth, config: Stage2Config | None = None):
         super().__init__(config, unet=unet, vae=vae, image_encoder=image_encoder,
                          feature_extractor=feature_extractor, depth=depth)
-        self._device = next(unet.parameters()).device
-
-    def _models(self):
-        return self.modules()
-
-    def to(self, device=None, dtype=None) -> RefinePipeline:
-        if device is not None:
-            self._device = torch.device(device)
-        offload = self.config.low_memory and self._device.type == "cuda"
-        for m in self._models():
-            m.to(device="cpu" if offload else device, dtype=dtype)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @contextlib.contextmanager
-    def _use(self, *modules):
-        """Model CPU offload: on CUDA with ``low_memory``, ``modules`` visit the GPU only inside the block."""
-        offload = self.config.low_memory and self._device.type == "cuda"
-        if offload:
-            for m in modules:
-                m.to(self._device)
-        try:
-            yield
-        finally:
-            if offload:
-                for m in modules:
-                    m.to("cpu")
-                torch.cuda.empty_cache()
-
-    def _set_sdpa(self) -> None:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        self.unet.set_attn_processor(AttnProcessor2_0())
 
     @torch.no_grad()
     def refine(self, frames: torch.Tensor, elevation: torch.Tensor | float, image: torch.Tensor | None = None,
@@ -119,8 +80,6 @@ class RefinePipeline(VideoDiffusionPipeline):
             raise ConfigError(f"refine strength applies to start=sdedit only (this pipeline's start is '{cfg.start}')")
         strength = cfg.strength if strength is None else strength
         aug = cfg.noise_aug if noise_aug is None else noise_aug
-        if cfg.low_memory:
-            self._set_sdpa()
         chunk = 1 if cfg.low_memory else None
         device, S = self.device, size or cfg.resolution
         B = frames.shape[0]
@@ -128,20 +87,20 @@ class RefinePipeline(VideoDiffusionPipeline):
         up = upsample(frames, S, cfg.upsample_mode).to(device)
         image = up[:, 0] if image is None else upsample(image[:, None], S, cfg.upsample_mode)[:, 0].to(device)
         up[:, 0] = image
-        with self._use(self.image_encoder):
+        with self.placement.use(self.image_encoder):
             clip = clip_embed(self.image_encoder, self.feature_extractor, image * 2 - 1).float()
-        with self._use(self.vae, self.depth):
+        with self.placement.use(self.vae, self.depth):
             concat = frame_conditions(self.components, cfg, up, torch.full((B,), aug), gens, chunk=chunk)
             z0 = None if cfg.start == "noise" else encode_videos(self.vae, up * 2 - 1, gens,
                                                                   chunk or cfg.vae_encode_chunk)
         elevation = torch.as_tensor(elevation, dtype=torch.float32, device=device).reshape(-1).expand(B)
         ids = added_time_ids(cfg.slots, elevation, torch.full((B,), aug, device=device), cfg.constant_value)
-        with self._use(self.unet):
+        with self.placement.use(self.unet):
             x = self.sample_latents(concat, clip, ids, gens, num_inference_steps or cfg.num_inference_steps,
                                     cfg.min_guidance if min_guidance is None else min_guidance,
                                     cfg.max_guidance if max_guidance is None else max_guidance,
                                     cfg.start, z0, strength, cfg.blend_power, sequential=cfg.low_memory)
-        with self._use(self.vae):
+        with self.placement.use(self.vae):
             out = self.decode(x, min(cfg.decode_chunk_size, 2) if cfg.low_memory else cfg.decode_chunk_size)
         if cfg.replace_first_frame:
             out[:, 0] = image.to(out)
