@@ -352,3 +352,23 @@ def test_tiny_stage1_overfits_two_real_orbits(bunny_path, spider_path, tmp_path)
     assert loss0 / loss1 >= 5
     assert psnr1[1] > psnr0[1] + 5  # the sampler now reproduces the training latents
     assert (tmp_path / "run" / "samples" / f"step-{OVERFIT_STEPS:08d}.png").is_file()
+
+
+def test_ema_refused_under_parameter_sharding():
+    """EMA of sharded parameters (FSDP, ZeRO-3) would average shards: refused with a clear error; DDP and ZeRO-2
+    keep whole parameters on every process and pass (accelerate's own state types)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from hi3d.errors import ConfigError
+    from hi3d.training.loop import check_ema_sharding
+
+    state = lambda kind, zero=None: SimpleNamespace(  # noqa: E731
+        distributed_type=kind, deepspeed_plugin=None if zero is None else SimpleNamespace(zero_stage=zero))
+    for refused, name in ((state(DistributedType.FSDP), "FSDP"), (state(DistributedType.DEEPSPEED, 3), "ZeRO-3")):
+        with pytest.raises(ConfigError, match=f"ema_decay=0.9999 under .*{name}.*set train.ema_decay=0"):
+            check_ema_sharding(refused, 0.9999)
+        check_ema_sharding(refused, 0.0)  # no EMA: nothing to refuse
+    for fine in (state(DistributedType.NO), state(DistributedType.MULTI_GPU), state(DistributedType.DEEPSPEED, 2)):
+        check_ema_sharding(fine, 0.9999)

@@ -171,6 +171,23 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(-10 * torch.log10(mse))
 
 
+def check_ema_sharding(state, ema_decay: float) -> None:
+    """EMA (diffusers ``EMAModel``) averages the parameter tensors each process holds: under parameter sharding
+    (FSDP, DeepSpeed ZeRO-3) those are shards or empty placeholders, so the averages and the saved EMA weights
+    would be wrong. Refused at start-up; DDP and ZeRO-1/2 (which shard optimizer states and gradients only) keep
+    whole parameters on every process and are fine. ``state``: accelerate's ``AcceleratorState``."""
+    from accelerate.utils import DistributedType
+
+    if ema_decay <= 0:
+        return
+    ds = getattr(state, "deepspeed_plugin", None)
+    kind = "FSDP" if state.distributed_type == DistributedType.FSDP else \
+        "DeepSpeed ZeRO-3" if ds is not None and ds.zero_stage == 3 else None
+    if kind:
+        raise ConfigError(f"train.ema_decay={ema_decay} under {kind}: EMA of sharded parameters is not supported; "
+                          "train with DDP or ZeRO-2 (configs/accelerate/) or set train.ema_decay=0")
+
+
 def train(cfg: TrainConfig, task: DiffusionTask, dataset, val_batch: dict | None = None, *,
           record_config=None, command: str = "train",
           checkpoint_hook: Callable[[str, Path], None] | None = None) -> TrainResult:
@@ -192,6 +209,7 @@ def train(cfg: TrainConfig, task: DiffusionTask, dataset, val_batch: dict | None
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    check_ema_sharding(accelerator.state, cfg.ema_decay)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     if cfg.allow_tf32 and device.type == "cuda":
