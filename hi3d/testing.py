@@ -99,3 +99,32 @@ def release_keys(stage: int) -> dict[str, list[int]]:
 def meta_state_dict(keys: dict[str, list[int]], dtype=torch.float16) -> dict[str, torch.Tensor]:
     """Shape-only (meta-device) tensors for ``keys`` (the released files store float16)."""
     return {k: torch.empty(shape, dtype=dtype, device="meta") for k, shape in keys.items()}
+
+
+class TinyU2Net(torch.nn.Module):
+    """A stand-in for rembg's U²-Net: one 5×5 conv, outputs (d0, d1) sigmoid maps ``[1, 1, H, W]`` like U²-Net's."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = torch.nn.Conv2d(3, 1, 5, padding=2)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.3)
+            self.conv.bias.zero_()
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.sigmoid(y), torch.sigmoid(-y)
+
+
+def save_tiny_u2net(path: str | Path, seed: int = 0) -> TinyU2Net:
+    """Export ``TinyU2Net`` to ONNX at ``path`` (input ``[1, 3, 320, 320]``, rembg's layout); returns the net."""
+    import warnings
+
+    net = TinyU2Net(seed).eval()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter: needs no onnxscript
+        torch.onnx.export(net, (torch.randn(1, 3, 320, 320),), str(path), dynamo=False, input_names=["input.1"],
+                          output_names=["d0", "d1"])
+    return net

@@ -13,7 +13,7 @@ from hi3d import cameras as C
 from hi3d.cli import main
 from hi3d.data.orbit import load_orbit
 from hi3d.errors import Hi3DError
-from hi3d.io import save_png
+from hi3d.io import load_png, save_png
 from hi3d.pipelines.weights import check_weights
 from hi3d.testing import save_tiny_weights
 
@@ -53,6 +53,8 @@ def test_generate_writes_every_output_and_resumes(tmp_path, weights, spider_imag
                 "recon/interp/cameras.json", "recon/mesh.glb", "recon/mesh.obj", "recon/mesh.ply",
                 "recon/turntable.png", "run.json", "status.json"]:
         assert (out / rel).is_file(), rel
+    # input.png: the image stage 1 sees (its resolution), the mask used beside it
+    assert load_png(out / "input.png").shape == (32, 32, 3) and load_png(out / "input_mask.png").shape == (32, 32, 1)
     s1, s2 = load_orbit(out / "stage1"), load_orbit(out / "stage2")
     assert len(s1) == len(s2) == 4 and s1.width == 32 and s2.width == 64
     torch.testing.assert_close(s2.K[0, :2], s1.K[0, :2] * 2)  # same cameras at twice the resolution
@@ -101,10 +103,15 @@ def test_same_seed_same_stage_outputs(tmp_path, weights, spider_image):
 
 @pytest.mark.parametrize("stages", ["stage1", pytest.param("mesh", marks=pytest.mark.slow)])
 def test_text_to_3d(tmp_path, weights, stages):
+    from hi3d.testing import save_tiny_u2net
+
     out = tmp_path / "text"
+    # the tiny text-to-image model paints noise, not a plain background: it is cut out by a (tiny) model
+    model = tmp_path / "u2net.onnx"
+    save_tiny_u2net(model)
     assert _generate("--text", "a red chair", "--out", out, "--weights", weights, "--num-interp", 4, "--stages",
-                     stages, "inputs.min_object_fraction=0", "text.resolution=32", "text.num_inference_steps=2",
-                     *FAST_RECON) == 0
+                     stages, "inputs.min_object_fraction=0", f"inputs.background_removal={model}", "text.resolution=32",
+                     "text.num_inference_steps=2", *FAST_RECON) == 0
     assert (out / "text_image.png").is_file() and (out / "stage1/cameras.json").is_file()
     assert (out / "recon/mesh.glb").is_file() == (stages == "mesh")
     assert json.loads((out / "run.json").read_text())["prompt"] == "a red chair"

@@ -24,7 +24,7 @@ def rgba_disc(size=48, radius=10, centre=(14, 30)) -> torch.Tensor:
 
 
 def test_preprocess_centres_scales_on_white():
-    img = frame_object(rgba_disc(), 64, object_fill=0.75)
+    img = frame_object(rgba_disc(), 64, "refit", object_fill=0.75)
     assert img.shape == (3, 64, 64) and img.min() >= 0 and img.max() <= 1
     obj = (img - 1).abs().amax(0) > 0.5
     ys, xs = torch.nonzero(obj, as_tuple=True)
@@ -39,7 +39,7 @@ def test_rgb_input_needs_alpha_or_white_background():
     rgb[10:20, 10:30] = torch.tensor([0.1, 0.5, 0.9])
     with pytest.raises(Hi3DError, match="RGBA"):
         frame_object(rgb, 32)
-    img = frame_object(rgb, 32, object_fill=0.5, assume_white_background=True)
+    img = frame_object(rgb, 32, "refit", object_fill=0.5, assume_white_background=True)
     ys, xs = torch.nonzero((img - 1).abs().amax(0) > 0.3, as_tuple=True)
     assert (xs.max() - xs.min() + 1) == 16  # longer side (20 px) scaled to 0.5 · 32
 
@@ -54,7 +54,7 @@ def test_frame0_kept_as_sampled_and_cameras(pipe):
     pasted = OrbitPipeline(pipe.unet, pipe.vae, pipe.image_encoder, pipe.feature_extractor,
                            dataclasses.replace(pipe.config, replace_first_frame=True))(rgba_disc(), 20.0, seeds=[0])
     assert torch.equal(pasted.frames[0, 0], out.image) and torch.equal(pasted.frames[0, 1:], out.frames[0, 1:])
-    assert torch.equal(out.image, frame_object(rgba_disc(), 32, pipe.config.object_fill))
+    assert torch.equal(out.image, frame_object(rgba_disc(), 32))
     assert out.c2w.shape == (3, 4, 4) and torch.allclose(out.elevation_deg, torch.full((3,), 20.0, dtype=torch.float64))
     _, el, r = cameras.azimuth_elevation_radius(out.c2w)
     assert torch.allclose(el, torch.full((3,), 20.0, dtype=torch.float64))

@@ -4,8 +4,8 @@
 ``num_seeds > 1``, else ``out_dir/``):
 
 ```
-input.png            the input as RGBA (object mask in alpha); text inputs: the generated image too
-input_framed.png     the input as stage 1 sees it (framed on white): stage 2's frame 0, as in the release
+input.png            the exact image stage 1 sees (framed by inputs.framing, on white, stage-1 resolution)
+input_mask.png       the object mask used, beside it (text inputs: text_image.png is the generated image)
 stage1/              orbit folder: 16 frames at the stage-1 resolution (alpha from the white background)
 depth/NNN.png        per-frame min-max normalised depth of the stage-1 frames (stage 2's condition)
 stage2/              orbit folder: refined frames at the stage-2 resolution (or bicubic / stage-1 copies)
@@ -32,6 +32,7 @@ from hi3d.errors import Hi3DError
 from hi3d.io import contact_sheet, load_png, read_json, save_png, write_json
 from hi3d.pipelines.elevation import ElevationConfig, auto_elevation
 from hi3d.pipelines.inputs import InputConfig, load_input, to_rgba
+from hi3d.pipelines.preprocess import frame_object
 from hi3d.pipelines.text_to_image import TextToImageConfig
 from hi3d.recon.reconstruct import ReconstructConfig, resolve_devices, stage_devices
 
@@ -144,10 +145,17 @@ class ImageTo3D:
                 low_memory=self.cfg.low_memory, use_depth=self.cfg.stage2 != "no_depth")
         return self._stage2
 
-    def _stage1_orbit(self, rgba: torch.Tensor, elevation: float, seed: int, out: Path) -> Orbit:
-        result = self.stage1(rgba, elevation, seeds=[seed], num_inference_steps=self.cfg.stage1_steps)
-        if not (out / "input_framed.png").is_file():
-            save_png(out / "input_framed.png", result.image.permute(1, 2, 0))
+    def stage1_input(self, rgba: torch.Tensor) -> torch.Tensor:
+        """``rgba [H, W, 4]`` -> ``[R, R, 4]``: RGB = the image stage 1 sees (framed by ``cfg.inputs.framing`` at
+        the stage-1 resolution, on white), alpha = the framed object mask."""
+        pipe = self.stage1
+        return frame_object(rgba, pipe.config.resolution, self.cfg.inputs.framing, pipe.config.object_fill,
+                            with_mask=True).permute(1, 2, 0)
+
+    def _stage1_orbit(self, rgba: torch.Tensor, elevation: float, seed: int) -> Orbit:
+        rgb = self.stage1_input(rgba)[..., :3]  # at the resolution, opaque: the pipeline's framing leaves it as is
+        result = self.stage1(torch.cat([rgb, torch.ones_like(rgb[..., :1])], -1), elevation, seeds=[seed],
+                             num_inference_steps=self.cfg.stage1_steps)
         orbit = result.to_orbit(0)
         orbit.rgba = white_background_rgba(result.frames[0], self.cfg.background_threshold)
         orbit.source = ["generated"] * len(orbit)
@@ -166,7 +174,7 @@ class ImageTo3D:
         def probe(k: int, elevation: float) -> torch.Tensor:
             orbit = _orbit_done(probes / f"round_{k}")
             if orbit is None or float(orbit.elevation_deg[0]) != elevation:
-                orbit = self._stage1_orbit(rgba, elevation, seed, out)
+                orbit = self._stage1_orbit(rgba, elevation, seed)
                 save_orbit(orbit, probes / f"round_{k}")
             return orbit.rgba
 
@@ -188,12 +196,15 @@ class ImageTo3D:
         cfg, out = self.cfg, Path(out_dir)
         elevation = elevation or {"elevation": cfg.elevation}
         files: dict[str, Path] = {}
-        if not (out / "input.png").is_file():
-            save_png(out / "input.png", rgba)
         stop = STAGES.index(cfg.stages)
 
         with record.stage(f"stage1/seed_{seed}", self.device) as entry:
             s1 = _orbit_done(out / "stage1")
+            if s1 is None or not (out / "input.png").is_file():
+                framed = self.stage1_input(rgba)
+                save_png(out / "input_mask.png", framed[..., 3])
+                save_png(out / "input.png", framed[..., :3])
+            entry["framing"] = cfg.inputs.framing
             entry["skipped"] = s1 is not None
             if s1 is None:
                 # the probe orbit is this seed's stage-1 output when the estimate kept the guess
@@ -201,7 +212,7 @@ class ImageTo3D:
                 if elevation.get("probe_seed") == seed and not elevation.get("rerun_stage1", True) and probe:
                     s1 = _orbit_done(Path(probe))
                 entry["from_probe"] = s1 is not None
-                s1 = s1 or self._stage1_orbit(rgba, float(elevation["elevation"]), seed, out)
+                s1 = s1 or self._stage1_orbit(rgba, float(elevation["elevation"]), seed)
                 save_orbit(s1, out / "stage1")
         files["stage1"] = out / "stage1"
         if stop == 0:
@@ -268,7 +279,7 @@ class ImageTo3D:
                         depth = normalise_per_frame(pipe.depth.predict(frames.to(pipe.device)).cpu())
                     for i, d in enumerate(depth):
                         save_png(out / "depth" / f"{i:03d}.png", d[..., None])
-                framed = out / "input_framed.png"  # stage 1 keeps its sampled frame 0; stage 2 pastes the input
+                framed = out / "input.png"  # stage 1 keeps its sampled frame 0; stage 2 pastes the input
                 image = load_png(framed)[..., :3].permute(2, 0, 1) if framed.is_file() else None
                 refined = pipe(frames, float(s1.elevation_deg[0]), image=image, seed=seed,
                                num_inference_steps=cfg.stage2_steps)
@@ -287,11 +298,16 @@ def prompt_image(prompt: str, cfg: GenerateConfig, weights: Path, out: Path, see
         device = resolve_device(cfg.device)
         pipe = load_text_to_image(weights / "text_to_image", device)
         save_png(path, text_to_image(pipe, prompt, cfg.text, torch.Generator(device).manual_seed(seed)))
-    return to_rgba(load_png(path)[..., :3], dataclasses.replace(cfg.inputs, background_removal=None), name=prompt)
+    return to_rgba(load_png(path)[..., :3], _input_config(cfg), name=prompt)
 
 
-def input_rgba(source: str | Path, cfg: GenerateConfig) -> torch.Tensor:
+def _input_config(cfg: GenerateConfig) -> InputConfig:
+    """``cfg.inputs`` with ``WEIGHTS/background_removal`` as the model when none is given and it exists."""
     inputs = cfg.inputs
     if inputs.background_removal is None and cfg.weights and (Path(cfg.weights) / "background_removal").is_dir():
         inputs = dataclasses.replace(inputs, background_removal=str(Path(cfg.weights) / "background_removal"))
-    return load_input(source, inputs)
+    return inputs
+
+
+def input_rgba(source: str | Path, cfg: GenerateConfig) -> torch.Tensor:
+    return load_input(source, _input_config(cfg))

@@ -116,11 +116,13 @@ class OrbitPipeline(VideoDiffusionPipeline):
                  generator: torch.Generator | Sequence[torch.Generator] | None = None,
                  seeds: Sequence[int] | None = None, noise_aug: float | None = None,
                  decode_chunk_size: int | None = None, assume_white_background: bool = False,
-                 radius: float = cameras.DEFAULT_RADIUS) -> OrbitOutput:
+                 radius: float = cameras.DEFAULT_RADIUS, framing: str = "release") -> OrbitOutput:
         """Image (PIL / array / tensor, RGBA; RGB only with ``assume_white_background``) and elevation in
-        degrees -> ``OrbitOutput`` with one orbit per seed (``seeds``) or per generator (default: seed 0)."""
+        degrees -> ``OrbitOutput`` with one orbit per seed (``seeds``) or per generator (default: seed 0).
+        ``framing``: ``hi3d.pipelines.preprocess`` (``refit`` fills ``config.object_fill``); an image already
+        framed at the resolution passes unchanged with the default ``release``."""
         cfg = self.config
-        img = frame_object(image, cfg.resolution, cfg.object_fill, assume_white_background)
+        img = frame_object(image, cfg.resolution, framing, cfg.object_fill, assume_white_background)
         if seeds is not None:
             gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         elif generator is not None:

@@ -6,7 +6,7 @@ WEIGHTS/stage1/               OrbitPipeline.save_pretrained: unet/ vae/ image_en
 WEIGHTS/stage2/               RefinePipeline.save_pretrained: the same + depth/ (transformers depth model,
                               Intel/dpt-hybrid-midas) (a converted Hi3D stage-2 checkpoint)
 WEIGHTS/text_to_image/        optional: diffusers Stable Diffusion folder (for --text)
-WEIGHTS/background_removal/   optional: transformers image-segmentation model (RGB inputs)
+WEIGHTS/background_removal/   optional: transformers image-segmentation model or rembg's u2net.onnx (RGB inputs)
 ```
 ``check_weights`` loads every present component on the CPU (the checks a long run would hit first:
 missing files, unreadable files, shapes that don't fit the model) and checks that they fit each other.
@@ -50,9 +50,11 @@ def _load_text_to_image(path: Path):
 
 
 def _load_background_removal(path: Path):
-    from transformers import pipeline
+    import torch
 
-    return pipeline("image-segmentation", model=str(path), local_files_only=True)
+    from hi3d.pipelines.inputs import model_alpha
+
+    return model_alpha(torch.full((32, 32, 3), 0.5), path)  # loads it and runs it once
 
 
 LOADERS: dict[str, Callable[[Path], object]] = {

@@ -50,7 +50,7 @@ def as_generated(rgba: torch.Tensor, reframe: bool, threshold: float = 0.04) -> 
     rgb = rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])
     if reframe:
         size = rgba.shape[1]
-        rgb = torch.stack([frame_object(torch.cat([c, a[..., None]], -1), size)
+        rgb = torch.stack([frame_object(torch.cat([c, a[..., None]], -1), size, "refit")
                            for c, a in zip(rgb, rgba[..., 3])]).permute(0, 2, 3, 1)
     return white_background_rgba(rgb.permute(0, 3, 1, 2), threshold)
 
