@@ -185,3 +185,56 @@ def test_degrade_cli_writes_orbit_and_run_json(tmp_path):
     assert (out / "clean_vs_degraded.png").is_file()
     assert main(["degrade", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert main(["degrade", str(tmp_path / "orbit"), "--out", str(out), "blur_sigmaa=[1,2]"]) == 2
+
+
+def _texture_video(b, f, size, seed=0):
+    """Fully opaque random texture videos ``[B, F, 3, S, S]`` in [0.1, 0.9] (no white pixel)."""
+    g = torch.Generator().manual_seed(seed)
+    return 0.1 + 0.8 * torch.rand(b, f, 3, size, size, generator=g)
+
+
+def test_release_resolution_sequence():
+    """Row 9 of issue 13 (``vtdm/degraded_images.py``): round 1 on the full-resolution frames (resize by
+    ``scale_factor`` -> floor(H·s1)), round 2 at int(256·s2), final 256, upsampled back; here 128 -> 32."""
+    cfg = D.DegradationConfig(degrade_size=32)
+    trace = []
+    out = D.degrade_video(_texture_video(6, 2, 128), cfg, torch.Generator().manual_seed(0), trace=trace)
+    assert out.shape == (6, 2, 3, 128, 128) and len(trace) == 6
+    for t in trace:
+        s1, s2 = t["round1"]["scale"], t["round2"]["scale"]
+        assert t["input"] == (128, 128)
+        assert t["round1"]["size"] == (math.floor(128 * s1),) * 2 and 0.15 <= s1 <= 1.5
+        assert t["round2"]["size"] == (int(32 * s2),) * 2 and 0.3 <= s2 <= 1.2
+        assert t["final"]["size"] == (32, 32) and t["output"]["size"] == (128, 128)
+    assert {t["round1"]["scale"] for t in trace} != {1.0}
+
+
+def test_background_rewhitened_exactly_where_alpha_is_zero():
+    rgb, alpha = _object_video(4, 64)
+    cfg = D.DegradationConfig(degrade_size=32, keep_first_frame=False)
+    out = D.degrade_video(rgb, cfg, torch.Generator().manual_seed(3), alpha=alpha)
+    bg = (alpha == 0).expand_as(out)
+    assert (out[bg] == 1.0).all()
+    assert (out[~bg] < 0.999).float().mean() > 0.5  # the object is not whitened
+    on_white = rgb * alpha + 1 - alpha  # without alpha: where the ground truth is exactly white
+    out2 = D.degrade_video(on_white, cfg, torch.Generator().manual_seed(3))
+    assert (out2[(on_white == 1).all(2, keepdim=True).expand_as(out2)] == 1.0).all()
+
+
+def test_per_video_draws():
+    """Noise type, second blur, resize modes and the final upsampling are drawn once per video, in the
+    release's proportions; the upsampling mode is seen in every frame of the video: area (16 -> 32) leaves
+    2×2 blocks constant, bilinear/bicubic do not."""
+    cfg = D.DegradationConfig(degrade_size=16, keep_first_frame=False)
+    trace = []
+    out = D.degrade_video(_texture_video(48, 3, 32), cfg, torch.Generator().manual_seed(5), trace=trace)
+    gauss = np.mean([t["round1"]["noise"] == "gaussian" for t in trace])
+    blur2 = np.mean([t["round2"]["blur"] for t in trace])
+    assert 0.25 < gauss < 0.75 and 0.6 < blur2 < 0.95  # gaussian_noise_prob 0.5, second_blur_prob 0.8
+    modes = [t["output"]["mode"] for t in trace]
+    assert set(modes) == {"area", "bilinear", "bicubic"}
+    for video, mode in zip(out, modes):
+        blocks = video.unflatten(-1, (16, 2)).unflatten(-3, (16, 2))  # [F, 3, 16, 2, 16, 2]
+        constant = (blocks == blocks[:, :, :, :1, :, :1]).flatten(1).all(1)  # per frame
+        assert constant.tolist() == [mode == "area"] * 3
+    assert D.DegradationConfig().object_mask_prob == 0.0 and D.DegradationConfig().output_resize_mode == "random"

@@ -1,20 +1,25 @@
-"""Real-ESRGAN-style second-order degradation of orbit videos (stage-2 training inputs Ĵ).
+"""Real-ESRGAN-style second-order degradation of orbit videos (stage-2 training inputs Ĵ), as the release.
 
-Our own batched torch implementation of Real-ESRGAN's pipeline (Wang et al. 2021, ``RealESRNetModel.feed_data``
-with the ``train_realesrnet_x4plus.yml`` defaults), applied to videos ``[B, F, 3, H, W]`` in [0, 1]:
+Our own batched torch implementation of the release's ``vtdm/degraded_images.py`` (Real-ESRGAN's
+``RealESRNetModel`` pipeline with ``configs/train_realesrnet_x4plus.yml``), applied per video to
+``[B, F, 3, H, W]`` in [0, 1] at the ground truth's full resolution H×W (the release: 1024²):
 
-1. composite on white through alpha; resize to ``degrade_size``² (the released Hi3D code degrades at 256²);
-2. random masking of object regions (shape errors): elliptic blobs inside the object mask filled with white
-   (missing parts) or with the local mean colour of the remaining object (smeared parts);
-3. round 1: blur (per-frame kernel: iso/aniso/generalised/plateau Gaussian or sinc, sizes 7..21 odd) ->
-   random resize (up/down/keep, area/bilinear/bicubic) -> Gaussian or Poisson noise (colour or grey) -> JPEG;
-4. round 2: blur with ``second_blur_prob`` -> resize relative to ``degrade_size`` -> noise -> JPEG;
-5. final: [resize back to ``degrade_size`` + sinc (``final_sinc_prob``)] and JPEG in random order; 8-bit
-   rounding; resize to the target size; frame 0 replaced by the clean frame (``keep_first_frame``).
+1. composite on white through alpha; optional random masking of object regions (shape errors, an hi3d
+   addition, ``object_mask_prob``, default 0 = off as the release);
+2. round 1 on the full-resolution frames: blur (per-frame kernel: iso/aniso/generalised/plateau Gaussian or
+   sinc, sizes 7..21 odd) -> random resize relative to H×W (up/down/keep, area/bilinear/bicubic) ->
+   Gaussian or Poisson noise (colour or grey) -> JPEG;
+3. round 2: blur with ``second_blur_prob`` -> resize to ``degrade_size``·scale (the release: 256·scale) ->
+   noise -> JPEG;
+4. final: [resize to ``degrade_size`` (256) + sinc (``final_sinc_prob``)] and JPEG in random order; 8-bit
+   rounding; upsampling to the target size with a random mode (``output_resize_mode=random``); the
+   background re-whitened where the ground truth's alpha is 0 (no alpha: where the ground truth is exactly
+   white); frame 0 replaced by the clean frame (``keep_first_frame``).
 
-Kernels, noise type/level/greyness, JPEG quality and masking are drawn per frame; the resize scale/mode and
-the order of the final step per call (one per batch, as Real-ESRGAN; a data worker degrades one video per
-call). Every draw comes from the ``torch.Generator`` passed in. JPEG is a batched torch simulation (YCbCr,
+Drawn once per video (the release degrades one video per call): resize scales and modes, noise type
+(Gaussian or Poisson) of each round, whether the second blur happens, the order of the final step, the
+upsampling mode. Drawn per frame: kernels, noise level and greyness, JPEG quality (basicsr draws those per
+image). Every draw comes from the ``torch.Generator`` passed in. JPEG is a batched torch simulation (YCbCr,
 4:2:0 chroma, 8×8 orthonormal DCT, libjpeg's quality-scaled tables, rounding); ``jpeg_pil`` is the
 reference it is tested against.
 """
@@ -40,10 +45,13 @@ class DegradationConfig:
     """Probabilities and ranges; names and defaults are Real-ESRGAN's (``train_realesrnet_x4plus.yml``)."""
 
     degrade_size: int = 256
-    """Frames are degraded at this square size (released Hi3D code: 256), then resized to the target."""
+    """Low-resolution side: round 2 resizes to ``degrade_size``·scale, the final step to ``degrade_size``
+    (the release: 1024 / scale 4 = 256)."""
     keep_first_frame: bool = True
     """Frame 0 is the input view: left clean (only resized)."""
-    output_resize_mode: str = "bicubic"
+    output_resize_mode: str = "random"
+    """Upsampling of the low-resolution result to the target: random (area | bilinear | bicubic per video,
+    the release) or one of those."""
     # kernels (sizes are the odd numbers in [kernel_size_min, blur_kernel_size])
     blur_kernel_size: int = 21
     kernel_size_min: int = 7
@@ -77,9 +85,9 @@ class DegradationConfig:
     poisson_scale_range2: list[float] = dataclasses.field(default_factory=lambda: [0.05, 2.5])
     gray_noise_prob2: float = 0.4
     jpeg_range2: list[float] = dataclasses.field(default_factory=lambda: [30.0, 95.0])
-    # masking of object regions (shape errors); ours, the paper gives no numbers
-    mask_prob: float = 0.3
-    """Probability per frame of masking blobs of the object."""
+    # masking of object regions (shape errors); an hi3d addition (not in the release), the paper gives no numbers
+    object_mask_prob: float = 0.0
+    """Probability per frame of masking blobs of the object (0: off, as the release; hi3d used 0.3)."""
     mask_blobs: list[int] = dataclasses.field(default_factory=lambda: [1, 3])
     mask_radius: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.35])
     """Blob semi-axes as fractions of the object's size (square root of its mask area)."""
@@ -253,21 +261,17 @@ def poisson_noise(x: torch.Tensor, scale: torch.Tensor, gray: torch.Tensor, g: t
     return noise * scale.view(-1, 1, 1, 1).to(x)
 
 
-def random_noise(x: torch.Tensor, g: torch.Generator, gaussian_prob: float, noise_range, poisson_scale_range,
+def random_noise(x: torch.Tensor, g: torch.Generator, gaussian: bool, noise_range, poisson_scale_range,
                  gray_prob: float) -> torch.Tensor:
-    """Per image: Gaussian noise (σ ~ U(noise_range)/255) with ``gaussian_prob``, else Poisson; grey with
-    ``gray_prob``. Returns ``x + noise`` clamped to [0, 1]."""
+    """Gaussian noise (σ ~ U(noise_range)/255 per image) if ``gaussian`` (one draw per video, by the caller),
+    else Poisson (scale ~ U(poisson_scale_range) per image); grey per image with ``gray_prob``. Returns
+    ``x + noise`` clamped to [0, 1]."""
     n = x.shape[0]
-    use_gauss = _rand(g, n) < gaussian_prob
     gray = _rand(g, n) < gray_prob
-    sigma = _uniform(g, n, noise_range) / 255.0
-    scale = _uniform(g, n, poisson_scale_range)
-    noise = torch.zeros_like(x)
-    gi, pi = torch.nonzero(use_gauss).flatten(), torch.nonzero(~use_gauss).flatten()
-    if len(gi):
-        noise[gi.to(x.device)] = gaussian_noise(x[gi.to(x.device)], sigma[gi], gray[gi], g)
-    if len(pi):
-        noise[pi.to(x.device)] = poisson_noise(x[pi.to(x.device)], scale[pi], gray[pi], g)
+    if gaussian:
+        noise = gaussian_noise(x, _uniform(g, n, noise_range) / 255.0, gray, g)
+    else:
+        noise = poisson_noise(x, _uniform(g, n, poisson_scale_range), gray, g)
     return (x + noise).clamp(0, 1)
 
 
@@ -414,65 +418,95 @@ def _random_resize_scale(g: torch.Generator, probs, rng) -> float:
     return float(lo) if kind < 2 else 1.0
 
 
-def _round(x: torch.Tensor, g: torch.Generator, cfg: DegradationConfig, second: bool, base: int) -> torch.Tensor:
+def _round(x: torch.Tensor, g: torch.Generator, cfg: DegradationConfig, second: bool, trace: dict) -> torch.Tensor:
+    """One degradation round on one video's frames ``x [F, 3, h, w]``: round 1 resizes relative to the
+    frames' size, round 2 relative to ``degrade_size``."""
     n = x.shape[0]
     sfx = "2" if second else ""
     kernels = random_kernels(g, n, getattr(cfg, "kernel_list" + sfx), getattr(cfg, "kernel_prob" + sfx),
                              getattr(cfg, "sinc_prob" + sfx), getattr(cfg, "blur_sigma" + sfx),
                              getattr(cfg, "betag_range" + sfx), getattr(cfg, "betap_range" + sfx),
                              cfg.blur_kernel_size, cfg.kernel_size_min)
-    if second:  # second blur only with probability second_blur_prob (identity kernel otherwise)
-        skip = _rand(g, n) >= cfg.second_blur_prob
-        kernels[skip] = 0
-        kernels[skip, cfg.blur_kernel_size // 2, cfg.blur_kernel_size // 2] = 1
-    x = filter2d(x, kernels)
+    blur = not second or bool(_rand(g, 1)[0] < cfg.second_blur_prob)  # the second blur: once per video
+    if blur:
+        x = filter2d(x, kernels)
     scale = _random_resize_scale(g, getattr(cfg, "resize_prob" + sfx), getattr(cfg, "resize_range" + sfx))
     mode = RESIZE_MODES[int(_choice(g, 1, [1, 1, 1])[0])]
-    ref = (base, base) if second else x.shape[-2:]
+    ref = (cfg.degrade_size, cfg.degrade_size) if second else x.shape[-2:]
     x = _resize(x, (int(ref[0] * scale), int(ref[1] * scale)), mode)
-    x = random_noise(x, g, getattr(cfg, "gaussian_noise_prob" + sfx), getattr(cfg, "noise_range" + sfx),
-                     getattr(cfg, "poisson_scale_range" + sfx), getattr(cfg, "gray_noise_prob" + sfx))
+    gaussian = bool(_rand(g, 1)[0] < getattr(cfg, "gaussian_noise_prob" + sfx))  # noise type: once per video
+    x = random_noise(x, g, gaussian, getattr(cfg, "noise_range" + sfx), getattr(cfg, "poisson_scale_range" + sfx),
+                     getattr(cfg, "gray_noise_prob" + sfx))
+    trace[f"round{2 if second else 1}"] = {"blur": blur, "scale": scale, "mode": mode, "size": tuple(x.shape[-2:]),
+                                          "noise": "gaussian" if gaussian else "poisson"}
     return jpeg_compress(x, _uniform(g, n, getattr(cfg, "jpeg_range" + sfx)))
+
+
+def _degrade_one(x: torch.Tensor, cfg: DegradationConfig, g: torch.Generator, out_size: tuple[int, int],
+                 trace: dict) -> torch.Tensor:
+    """One video ``x [F, 3, H, W]`` on white, full resolution -> degraded ``[F, 3, *out_size]`` (not re-whitened)."""
+    trace["input"] = tuple(x.shape[-2:])
+    x = _round(x, g, cfg, second=False, trace=trace)
+    x = _round(x, g, cfg, second=True, trace=trace)
+    n, s = x.shape[0], (cfg.degrade_size, cfg.degrade_size)
+    sinc = random_final_sinc(g, n, cfg.final_sinc_prob, cfg.blur_kernel_size, cfg.kernel_size_min)
+    mode = RESIZE_MODES[int(_choice(g, 1, [1, 1, 1])[0])]
+    sinc_first = bool(_rand(g, 1)[0] < 0.5)
+    quality = _uniform(g, n, cfg.jpeg_range2)
+    if sinc_first:
+        x = jpeg_compress(filter2d(_resize(x, s, mode), sinc).clamp(0, 1), quality)
+    else:
+        x = filter2d(_resize(jpeg_compress(x, quality), s, mode), sinc)
+    x = (x.clamp(0, 1) * 255).round() / 255
+    up = RESIZE_MODES[int(_choice(g, 1, [1, 1, 1])[0])] if cfg.output_resize_mode == "random" else cfg.output_resize_mode
+    trace["final"] = {"mode": mode, "sinc_first": sinc_first, "size": tuple(x.shape[-2:])}
+    trace["output"] = {"mode": up, "size": tuple(out_size)}
+    return _resize(x, out_size, up)
 
 
 @torch.no_grad()
 def degrade_video(frames: torch.Tensor, cfg: DegradationConfig, generator: torch.Generator,
-                  alpha: torch.Tensor | None = None, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+                  alpha: torch.Tensor | None = None, out_size: tuple[int, int] | None = None,
+                  trace: list | None = None) -> torch.Tensor:
     """Degrade videos ``frames [B, F, 3, H, W]`` in [0, 1] (straight RGB if ``alpha [B, F, 1, H, W]`` is given,
-    else already on white). Returns ``[B, F, 3, *out_size]`` in [0, 1] (default: the input size), on white.
+    else already on white) at their full resolution. Returns ``[B, F, 3, *out_size]`` in [0, 1] (default: the
+    input size), on white: exactly 1 where alpha is 0 (without alpha: where the input is exactly white).
+    ``trace``: a list that gets one dict per video with its per-video draws and the size after each step.
 
-    The object mask for masking is ``alpha > 0.5``, or, without alpha, the non-white pixels.
+    The object mask for ``object_mask_prob`` is ``alpha > 0.5``, or, without alpha, the non-white pixels.
     """
+    if cfg.output_resize_mode not in ("random", *RESIZE_MODES):
+        raise ValueError(f"output_resize_mode='{cfg.output_resize_mode}' is not one of random, {', '.join(RESIZE_MODES)}")
     b, f, _, h, w = frames.shape
     out_size = tuple(out_size or (h, w))
-    x = frames.reshape(b * f, 3, h, w).float()
+    x = frames.float()
     if alpha is not None:
-        a = alpha.reshape(b * f, 1, h, w).float()
+        a = alpha.float()
         x = x * a + (1 - a)
-    clean = x
-    s = cfg.degrade_size
-    x = _resize_clean(x, (s, s))
-    mask = (_resize_clean(a, (s, s), "area") > 0.5) if alpha is not None else object_mask_from_white(x)
-    first = torch.zeros(b, f, dtype=torch.bool)
-    first[:, 0] = cfg.keep_first_frame
-    x = random_object_masking(x, mask, generator, cfg.mask_prob, cfg.mask_blobs, cfg.mask_radius,
-                              cfg.mask_white_prob, skip=first.flatten())
-    x = _round(x, generator, cfg, second=False, base=s)
-    x = _round(x, generator, cfg, second=True, base=s)
-    n = x.shape[0]
-    sinc = random_final_sinc(generator, n, cfg.final_sinc_prob, cfg.blur_kernel_size, cfg.kernel_size_min)
-    mode = RESIZE_MODES[int(_choice(generator, 1, [1, 1, 1])[0])]
-    sinc_first = bool(_rand(generator, 1)[0] < 0.5)
-    quality = _uniform(generator, n, cfg.jpeg_range2)
-    if sinc_first:
-        x = jpeg_compress(filter2d(_resize(x, (s, s), mode), sinc).clamp(0, 1), quality)
+        background = a[:, :, 0] == 0  # [B, F, H, W]
     else:
-        x = filter2d(_resize(jpeg_compress(x, quality), (s, s), mode), sinc)
-    x = (x.clamp(0, 1) * 255).round() / 255
-    x = _resize_clean(x, out_size, cfg.output_resize_mode).reshape(b, f, 3, *out_size)
+        background = (x == 1).all(2)
+    if out_size != (h, w):
+        background = F.interpolate(background.float(), size=out_size, mode="nearest") > 0.5
+    clean = x
+    out = []
+    for i in range(b):
+        v = x[i]
+        if cfg.object_mask_prob > 0:
+            mask = alpha[i].float() > 0.5 if alpha is not None else object_mask_from_white(v)
+            skip = torch.zeros(f, dtype=torch.bool)
+            skip[0] = cfg.keep_first_frame
+            v = random_object_masking(v, mask, generator, cfg.object_mask_prob, cfg.mask_blobs, cfg.mask_radius,
+                                      cfg.mask_white_prob, skip=skip)
+        record: dict = {}
+        out.append(_degrade_one(v, cfg, generator, out_size, record))
+        if trace is not None:
+            trace.append(record)
+    x = torch.stack(out).clamp(0, 1)
+    x = torch.where(background[:, :, None], torch.ones_like(x), x)  # re-whitened with the ground truth's alpha
     if cfg.keep_first_frame:
-        x[:, 0] = _resize_clean(clean.reshape(b, f, 3, h, w)[:, 0], out_size, cfg.output_resize_mode)
-    return x.clamp(0, 1)
+        x[:, 0] = _resize_clean(clean[:, 0], out_size)
+    return x
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

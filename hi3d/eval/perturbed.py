@@ -167,8 +167,8 @@ def perturb_orbit(gt: Orbit, cfg: PerturbConfig, seed: int) -> tuple[Orbit, list
     if weight > 0:
         a = rgba[..., 3:]
         on_white = rgba[..., :3] * a + (1 - a)
-        degraded = degrade_video(on_white.permute(0, 3, 1, 2)[None], DegradationConfig(mask_prob=0.0, degrade_size=gt.width),
-                                 gens["degrade"])[0].permute(0, 2, 3, 1)
+        dcfg = DegradationConfig(object_mask_prob=0.0, degrade_size=gt.width)
+        degraded = degrade_video(on_white.permute(0, 3, 1, 2)[None], dcfg, gens["degrade"])[0].permute(0, 2, 3, 1)
         mixed = (1 - weight) * on_white + weight * degraded
         straight = torch.where(a > 0, (mixed - (1 - a)) / a.clamp_min(1e-6), torch.ones_like(mixed)).clamp(0, 1)
         rgba[1:, ..., :3] = straight[1:]

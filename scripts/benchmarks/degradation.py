@@ -3,7 +3,8 @@
     python scripts/benchmarks/degradation.py [--out outputs/benchmarks] [--repeats 3] [--threads 2]
 
 Measures, in one run:
-- frames/s of ``degrade_video`` on 16-frame videos at 1024² (degraded at 256², resized back to 1024²), against
+- frames/s of ``degrade_video`` on 16-frame videos at 1024² (round 1 at 1024², round 2 at 256·scale, final
+  256², upsampled back to 1024²), against
   a baseline of the same two clean resizes alone (1024² -> 256² -> 1024²): the ratio is the cost of the
   degradations themselves;
 - the share of a tiny stage-2 training step (``configs/stage2/tiny_cpu.yaml`` sizes: batch 2, 4 frames, 32²)
@@ -79,7 +80,7 @@ def main() -> None:
     t_tiny_deg = timed(lambda: task.degrade(batch, torch.Generator().manual_seed(next(seeds))), args.repeats * 3)
 
     res = {
-        "video": f"{n} frames at {args.size}², degraded at {cfg.degrade_size}²",
+        "video": f"{n} frames at {args.size}², round 1 at full size, final {cfg.degrade_size}²",
         "threads": args.threads,
         "degrade_s_per_video": t_deg, "degrade_frames_per_s": n / t_deg,
         "baseline_clean_resizes_s_per_video": t_base, "baseline_frames_per_s": n / t_base,
