@@ -130,7 +130,7 @@ def test_image_decoder_vae_runs(pipe):
 
 def test_stage1_command_writes_orbits_and_resumes(pipe, tmp_path):
     from hi3d.data.orbit import load_orbit
-    from hi3d.io import read_json, save_png
+    from hi3d.io import load_png, read_json, save_png
     from hi3d.pipelines.orbit import cli
 
     pipe.save_pretrained(tmp_path / "w")
@@ -140,7 +140,7 @@ def test_stage1_command_writes_orbits_and_resumes(pipe, tmp_path):
     assert cli(argv) == 0
     orbit = load_orbit(tmp_path / "out" / "seed_1", load_depth=False)
     assert orbit.rgba.shape == (3, 32, 32, 4) and torch.allclose(orbit.elevation_deg, torch.full((3,), 15.0, dtype=torch.float64))
-    expect = pipe(rgba_disc(), 15.0, seeds=[1]).frames[0].permute(0, 2, 3, 1)
+    expect = pipe(load_png(tmp_path / "in.png"), 15.0, seeds=[1]).frames[0].permute(0, 2, 3, 1)  # the same 8-bit input
     assert (orbit.rgba[..., :3] - expect).abs().max() <= 1 / 255 + 1e-6  # the sampled frames (8-bit PNG)
     stamp = (tmp_path / "out" / "seed_0" / "rgba" / "001.png").stat().st_mtime_ns
     assert cli(argv) == 0  # resume: complete seeds are not redone
