@@ -3,7 +3,8 @@
 # built) here into DIR, plus the real object and its 16-view 1024² orbit:
 #   bash scripts/gpu_wheels.sh DIR          # then, on the GPU machine: python scripts/gpu_check.py --wheels DIR
 # The GPU machine has python 3.12 with torch, torchvision, transformers, accelerate, timm, safetensors (and their
-# dependencies: numpy, pillow, pyyaml, requests, huggingface_hub, tqdm, psutil, networkx, ...). Versions are the ones
+# dependencies: numpy, pillow, pyyaml, huggingface_hub, tqdm, psutil, networkx, ...; requests, which diffusers needs
+# and transformers 5 no longer pulls in, is included). Versions are the ones
 # of this checkout's environment (HI3D_VENV, default .venv). HI3D_WHEELS_PYTHON=3.11 targets another python
 # (to check the flow on a machine without 3.12). Left out, to stay under 60 MiB: pyrender and its OpenGL stack
 # (pyglet, PyOpenGL, freetype-py, imageio: only the turntable picture needs them, and a GPU machine rarely has
@@ -20,9 +21,9 @@ mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
 
 # what hi3d needs beyond the GPU machine's packages (gsplat's, pyrender's and DeepSpeed's dependencies included)
-BINARY="scipy PyMCubes msgpack pydantic-core ninja"
+BINARY="scipy PyMCubes msgpack pydantic-core ninja charset-normalizer"
 PURE="diffusers importlib-metadata zipp omegaconf gsplat jaxtyping wadler-lindig rich trimesh hjson py-cpuinfo
-      pydantic annotated-types typing-inspection nvidia-ml-py einops"
+      pydantic annotated-types typing-inspection nvidia-ml-py einops requests urllib3 certifi idna"
 
 pinned() {  # NAME -> NAME==VERSION of this environment (NAME alone if it is not installed here)
   for name in "$@"; do
