@@ -524,12 +524,16 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=None, help="output size (default: the orbit's)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = auto: the free cores, hi3d.threads)")
     add_config_args(p)
     args = p.parse_intermixed_args(argv)
     cfg = load_config(DegradationConfig, args.config, args.overrides)
     orbit = load_orbit(args.orbit_dir, load_depth=False)
     rec = RunRecord(args.out, "degrade", config=cfg, seed=args.seed)
-    with rec.stage("degrade") as entry:
+    from hi3d.threads import cpu_threads
+
+    with rec.stage("degrade") as entry, cpu_threads(args.threads) as threads:
+        entry["threads"] = threads.threads
         size = (args.size, args.size) if args.size else (orbit.height, orbit.width)
         rgba = orbit.rgba.permute(0, 3, 1, 2)[None]  # [1, N, 4, H, W]
         g = torch.Generator().manual_seed(args.seed)

@@ -96,6 +96,9 @@ class _Renderer:
     _instance = None
 
     def __init__(self, width: int, height: int):
+        from hi3d.threads import free_cpus
+
+        os.environ.setdefault("LP_NUM_THREADS", str(free_cpus()))  # llvmpipe's pool, fixed for the process
         pyrender = _pyrender()
         try:
             self.r = pyrender.OffscreenRenderer(width, height)

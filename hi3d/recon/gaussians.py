@@ -68,7 +68,7 @@ class GaussianConfig:
     # rasteriser
     tile_size: int = 8
     chunk_elements: int = 1 << 18  # CPU rasteriser block size (elements of [tiles, K, pixels])
-    num_threads: int = 0  # torch CPU threads during the fit (0 = leave torch's setting, e.g. OMP_NUM_THREADS)
+    num_threads: int = 0  # torch CPU threads during the fit; 0 = auto: the free cores, re-checked (hi3d.threads)
     progress: bool = True
 
 
@@ -297,16 +297,13 @@ def fit_gaussians(orbit: Orbit, cfg: GaussianConfig, checkpoint: str | Path | No
     equals the uninterrupted run's."""
     if len(orbit) == 0:
         raise Hi3DError("fit_gaussians: the orbit has no views")
-    threads = torch.get_num_threads()
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
-    try:
-        return _fit(orbit, cfg, checkpoint, checkpoint_every)
-    finally:
-        torch.set_num_threads(threads)
+    from hi3d.threads import cpu_threads
+
+    with cpu_threads(cfg.num_threads) as threads:
+        return _fit(orbit, cfg, checkpoint, checkpoint_every, threads)
 
 
-def _fit(orbit, cfg, checkpoint, checkpoint_every) -> GaussianModel:
+def _fit(orbit, cfg, checkpoint, checkpoint_every, threads) -> GaussianModel:
     from tqdm import tqdm
 
     device = resolve_device(cfg.device)
@@ -324,6 +321,7 @@ def _fit(orbit, cfg, checkpoint, checkpoint_every) -> GaussianModel:
     bar = tqdm(range(start, cfg.iterations), desc="3DGS", disable=not cfg.progress, initial=start,
                total=cfg.iterations)
     for step in bar:
+        threads.update()
         i = _view_order(cfg.seed, step // len(orbit), len(orbit))[step % len(orbit)]
         for group in opt.param_groups:
             if group["name"] == "means":

@@ -12,7 +12,6 @@ PNG when textured) and PLY (vertex colours) atomically.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 from pathlib import Path
@@ -28,6 +27,7 @@ from hi3d.data.orbit import Orbit
 from hi3d.errors import Hi3DError
 from hi3d.io import atomic_path
 from hi3d.recon.neus import NeuSModel
+from hi3d.threads import cpu_threads
 
 FORMATS = ("glb", "obj", "ply")
 TEXTURES = ("none", "vertex", "views")
@@ -44,7 +44,8 @@ class MeshConfig:
     texture_size: int = 1024  # texels per side of the baked atlas
     texture_max_faces: int = 20000  # texture=views: decimate to at most this many faces first (xatlas time grows fast)
     texture_dilation: int = 4  # texels the atlas is grown past chart borders
-    texture_threads: int = 1  # torch CPU threads while baking (0 = leave torch's setting); 1 is fastest on shared cores
+    texture_threads: int = 1  # torch CPU threads while baking (0 = auto, hi3d.threads); 1 is fastest on shared cores
+    num_threads: int = 0  # torch CPU threads for the SDF grid (0 = auto: the free cores, hi3d.threads)
 
 
 def grid_axis(resolution: int, bound: float) -> torch.Tensor:
@@ -137,18 +138,6 @@ def vertex_colors(model: NeuSModel, mesh: trimesh.Trimesh) -> np.ndarray:
     return np.concatenate([np.round(rgb * 255), np.full((len(rgb), 1), 255)], 1).astype(np.uint8)
 
 
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Run the block with ``n`` torch CPU threads (0 = unchanged)."""
-    before = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def extract_mesh(model: NeuSModel, cfg: MeshConfig, views: Orbit | None = None) -> trimesh.Trimesh:
     """The model's surface in world coordinates (+Z up, unit cube), coloured as ``cfg.texture`` says;
     ``texture="views"`` bakes from ``views`` (the RGBA views NeuS was fitted on)."""
@@ -158,7 +147,9 @@ def extract_mesh(model: NeuSModel, cfg: MeshConfig, views: Orbit | None = None) 
         raise Hi3DError("mesh.texture=views needs the views to bake from (or set mesh.texture=vertex)")
     if cfg.texture == "views" and cfg.texture_size < 8:
         raise Hi3DError(f"mesh.texture_size must be >= 8 texels (got {cfg.texture_size})")
-    mesh = marching_cubes(sdf_volume(model, cfg.resolution, cfg.bound, cfg.coarse_factor), cfg.bound)
+    with cpu_threads(cfg.num_threads):
+        volume = sdf_volume(model, cfg.resolution, cfg.bound, cfg.coarse_factor)
+    mesh = marching_cubes(volume, cfg.bound)
     mesh = decimate(keep_largest(mesh, cfg.keep_components), cfg.decimate_faces)
     if cfg.texture == "vertex":
         mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=vertex_colors(model, mesh))
@@ -166,7 +157,7 @@ def extract_mesh(model: NeuSModel, cfg: MeshConfig, views: Orbit | None = None) 
         from hi3d.recon.texture import bake_texture
 
         mesh = decimate(mesh, cfg.texture_max_faces)
-        with torch_threads(cfg.texture_threads):
+        with cpu_threads(cfg.texture_threads):
             mesh = bake_texture(mesh, views, cfg.texture_size, fallback=lambda p, n: surface_colors(model, p, n),
                                 dilation=cfg.texture_dilation)
     return mesh

@@ -70,7 +70,7 @@ class NeuSConfig:
     # run
     seed: int = 0
     device: str | None = None  # cpu | cuda | cuda:N | auto; None: the command's device (auto when run alone)
-    num_threads: int = 0  # torch CPU threads during the fit (0 = leave torch's setting)
+    num_threads: int = 0  # torch CPU threads during the fit; 0 = auto: the free cores, re-checked (hi3d.threads)
     checkpoint_every: int = 200
     chunk: int = 65536  # points per forward pass when querying the SDF without gradients
 
@@ -419,18 +419,15 @@ def fit_neus(orbit: Orbit, cfg: NeuSConfig, checkpoint: str | Path | None = None
     model.set_progress(start)
     if start >= cfg.iterations:
         return model
-    threads = torch.get_num_threads()
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
-    try:
-        _train(model, optim, gen, orbit, cfg, start, ckpt_path, progress, callback, checkpoint_extra or {})
-    finally:
-        torch.set_num_threads(threads)
+    from hi3d.threads import cpu_threads
+
+    with cpu_threads(cfg.num_threads) as threads:
+        _train(model, optim, gen, orbit, cfg, start, ckpt_path, progress, callback, checkpoint_extra or {}, threads)
     model.set_progress(cfg.iterations)
     return model
 
 
-def _train(model, optim, gen, orbit, cfg, start, ckpt_path, progress, callback, extra) -> None:
+def _train(model, optim, gen, orbit, cfg, start, ckpt_path, progress, callback, extra, threads) -> None:
     device = resolve_device(cfg.device)
     rays = orbit_rays(orbit)
     fields = {k: v.to(device) for k, v in dataclasses.asdict(rays).items() if v is not None}
@@ -438,6 +435,7 @@ def _train(model, optim, gen, orbit, cfg, start, ckpt_path, progress, callback, 
     bar = tqdm(total=cfg.iterations, initial=start, desc="NeuS", disable=not progress, dynamic_ncols=True)
     model.train()
     for step in range(start, cfg.iterations):
+        threads.update()
         model.set_progress(step)
         for group, base in zip(optim.param_groups, (cfg.lr, cfg.lr_variance)):
             group["lr"] = base * lr_factor(step, cfg)
