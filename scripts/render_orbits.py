@@ -18,6 +18,7 @@ from hi3d.config import load_config
 from hi3d.data.dataset_builder import build_dataset, list_assets
 from hi3d.data.render import RenderConfig
 from hi3d.errors import Hi3DError
+from hi3d.parallel import Shard
 from hi3d.provenance import RunRecord
 
 
@@ -32,23 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_intermixed_args(argv)
     try:
         cfg = load_config(RenderConfig, args.config, ["random_elevation=true", *args.overrides])
-        if args.shard is None:
-            from accelerate import PartialState
-
-            state = PartialState(cpu=True)
-            shard, num_shards = state.process_index, state.num_processes
-        else:
-            shard, num_shards = args.shard, args.num_shards or 1
+        # --shard given: a fixed split run by hand; else this process of `accelerate launch` (gloo, CPU)
+        shard = Shard(cpu=True) if args.shard is None else Shard(args.shard, args.num_shards or 1)
         assets = list_assets(args.assets)
-        rec = RunRecord(args.out, "render_orbits", config=cfg, seed=args.seed,
-                        filename="run.json" if num_shards == 1 else f"run-shard{shard:04d}-of-{num_shards:04d}.json")
+        rec = RunRecord(args.out, "render_orbits", config=cfg, seed=args.seed, filename=shard.run_filename())
         with rec.stage("render") as entry:
-            entry.update(build_dataset(assets, args.out, cfg, args.seed, shard, num_shards), assets=len(assets))
+            entry.update(build_dataset(assets, args.out, cfg, args.seed, shard.rank, shard.world), assets=len(assets))
         rec.finish()
     except Hi3DError as e:
         print(f"render_orbits: error: {e}", file=sys.stderr)
         return 2
-    print(f"shard {shard}/{num_shards}: {entry}", file=sys.stderr)
+    print(f"shard {shard.rank}/{shard.world}: {entry}", file=sys.stderr)
     return 1 if entry["failed"] else 0
 
 

@@ -1,6 +1,6 @@
 """Orbit datasets: many local assets -> ``OUT/<object id>/`` orbit folders (layout of ``hi3d.data.orbit``).
 
-Sharded (object i goes to shard ``i % num_shards`` of the sorted list), resumable (an object whose
+Sharded (object i goes to shard ``i % num_shards`` of the sorted list, ``hi3d.parallel``), resumable (an object whose
 ``cameras.json`` is complete is skipped; a partial folder is deleted and redone), with
 ``OUT/manifest.jsonl`` (one JSON line per processed object: id, source, elevation_deg, status) and
 ``OUT/errors/<id>.log`` for objects that failed: one broken asset never stops the run.
@@ -23,6 +23,7 @@ from hi3d.data.orbit import save_orbit
 from hi3d.data.render import RenderConfig, render_orbit, resolve_elevation
 from hi3d.errors import Hi3DError
 from hi3d.io import read_json, write_bytes
+from hi3d.parallel import shard_indices
 
 
 def list_assets(source: str | Path) -> list[Path]:
@@ -43,13 +44,6 @@ def object_ids(assets: list[Path]) -> list[str]:
     stems = [p.stem for p in assets]
     dup = {s for s in stems if stems.count(s) > 1}
     return [("__".join(p.with_suffix("").parts[-3:]) if p.stem in dup else p.stem) for p in assets]
-
-
-def shard_indices(count: int, shard: int, num_shards: int) -> list[int]:
-    """Indices of the objects of ``shard`` (round robin; the shards partition ``range(count)``)."""
-    if not 0 <= shard < num_shards:
-        raise Hi3DError(f"shard {shard} out of range for {num_shards} shards")
-    return list(range(shard, count, num_shards))
 
 
 def object_seed(seed: int, object_id: str) -> int:

@@ -106,18 +106,18 @@ def run_batch(cfg: GenerateConfig, sources: list[Path], out: Path) -> list[dict]
     """Each input to ``out/<stem>/``, inputs sharded over accelerate processes (``device=auto``: each on its
     own GPU, or gloo CPU processes without CUDA); failures recorded, not fatal."""
     import torch
-    from accelerate import PartialState
 
-    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    from hi3d.parallel import Shard
+
+    shard = Shard(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     if cfg.device == "auto":
-        cfg = dataclasses.replace(cfg, device=str(state.device))
+        cfg = dataclasses.replace(cfg, device=str(shard.device))
     names = [p.stem for p in sources]
     if len(set(names)) != len(names):
         raise Hi3DError("inputs with the same file name would share an output folder: rename them")
     runner = ImageTo3D(cfg)
-    for i, (name, src) in enumerate(zip(names, sources)):
-        if i % state.num_processes != state.process_index:
-            continue
+    for i in shard.indices(len(sources)):
+        name, src = names[i], sources[i]
         folder = out / name
         try:
             done = read_json(_status_path(folder)) if _status_path(folder).is_file() else None
@@ -126,15 +126,15 @@ def run_batch(cfg: GenerateConfig, sources: list[Path], out: Path) -> list[dict]
         if done and done.get("status") == "ok" and done.get("stages") == cfg.stages:
             continue
         try:
-            generate_one(cfg, folder, source=src, runner=runner, process=state.process_index)
+            generate_one(cfg, folder, source=src, runner=runner, process=shard.rank)
         except Exception as e:  # one bad input never stops the batch
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            write_json(_status_path(folder), {"input": str(src), "status": "failed", "stages": cfg.stages,
-                                              "seconds": "", "error": msg, "process": state.process_index})
+            shard.record(_status_path(folder), {"input": str(src), "status": "failed", "stages": cfg.stages,
+                                                "seconds": "", "error": msg})
             if not isinstance(e, Hi3DError):
                 write_bytes(folder / "error.log", traceback.format_exc().encode())
-    state.wait_for_everyone()
-    return write_summary(out, list(zip(names, [out / n for n in names]))) if state.is_main_process else []
+    shard.wait()
+    return write_summary(out, list(zip(names, [out / n for n in names]))) if shard.is_main else []
 
 
 def _elevation_flag(value: str) -> dict:
