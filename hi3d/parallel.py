@@ -97,19 +97,8 @@ class Shard:
         if self.state is not None and self.world > 1:
             self.state.wait_for_everyone()
 
-    @contextlib.contextmanager
-    def lock(self, path: str | Path) -> Iterator[None]:
-        """Exclusive lock on the file ``path`` (created; ``flock``, so across processes of one machine and on
-        shared file systems that support it) for work several units share: the first process does it, the
-        others wait, then find it done."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def lock(self, path: str | Path) -> contextlib.AbstractContextManager[None]:
+        return file_lock(path)
 
     def record(self, path: str | Path, record: dict[str, Any]) -> dict[str, Any]:
         """Write one unit's record atomically, with ``"process"``: this rank; returns it."""
@@ -136,6 +125,21 @@ class Shard:
         """Every process's ``log`` of this launch (after ``wait``), rank order; a missing one is skipped."""
         paths = [self.log_path(out, task, r) for r in range(self.world)]
         return [read_json(p) for p in paths if p.is_file()]
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Exclusive lock on the file ``path`` (created; ``flock``: across the processes of one machine, and of
+    several on shared file systems that support it, as NFSv4 does) for work several units share: the first
+    process does it, the others wait, then find it done."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def child_env(environ: dict[str, str] | None = None) -> dict[str, str]:

@@ -3,6 +3,7 @@
     python scripts/ablate_m.py --objects a.obj,b.ply --views gt [--m 0,8,16,32,48] [--seeds 0,1,2]
     python scripts/ablate_m.py --objects bunny.obj --views generated generator=perturbed perturb.strength=0.5
     python scripts/ablate_m.py --objects bunny.obj --views generated generator=hi3d weights=DIR --stage2 full,none
+    accelerate launch --num_processes 8 scripts/ablate_m.py ...   # cells dealt across 8 processes (GPUs)
 
 Any ``AblationConfig`` field can be given as ``key=value`` (or in ``--config YAML``); see ``hi3d/eval/ablation.py``.
 """
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     except Hi3DError as e:
         print(f"ablate_m: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"summary": result["summary"], "failed": result["failed"]}, indent=2))
+    if result["process"] == 0:  # under accelerate launch the main process reports the merged tables
+        print(json.dumps({"summary": result["summary"], "failed": result["failed"]}, indent=2))
     return 1 if result["failed"] and not result["rows"] else 0
 
 

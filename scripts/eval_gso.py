@@ -1,5 +1,7 @@
 """Score a method on the GSO protocol: ``python scripts/eval_gso.py --gso-root GSO --pred PRED --out OUT``.
 
+    accelerate launch --num_processes 8 scripts/eval_gso.py ...   # objects dealt across 8 processes (GPUs)
+
 Any ``GSOConfig`` field can be given as ``key=value`` (or in ``--config YAML``); see ``hi3d/eval/gso.py``.
 """
 
@@ -34,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     except Hi3DError as e:
         print(f"eval_gso: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"mean": result["mean"], "failed": result["failed"], "skipped": result["skipped"]}, indent=2))
+    if result["process"] == 0:  # under accelerate launch the main process reports the merged tables
+        print(json.dumps({"mean": result["mean"], "failed": result["failed"], "skipped": result["skipped"]}, indent=2))
     return 1 if result["failed"] and not result["rows"] else 0
 
 

@@ -226,7 +226,7 @@ def test_generate_method_scores_generated_meshes_in_their_frame(gso_root, tmp_pa
     row = json.loads((out / "results.json").read_text())["rows"][0]
     pred = out / "wuson" / "pred"
     mesh = pred / "recon" / "mesh.glb"
-    assert set(row) == {"object", "status", "chamfer", "volume_iou"} and row["chamfer"] > 0
+    assert set(row) == {"object", "status", "chamfer", "volume_iou", "process"} and row["chamfer"] > 0
     orbit = load_orbit(pred / "stage2", load_depth=False)
     np.testing.assert_allclose(read_frame(mesh), orbit.normalization.numpy())  # recorded beside the mesh
     world = load_world_mesh(mesh, orbit.normalization)  # the frame it was generated in

@@ -11,18 +11,22 @@ IoU, F-score), the interpolated views against ground-truth renders at their came
 the views it started from against the ground truth (``views_psnr`` / ``views_ssim``, views 1..N-1).
 
 The unit of work is a ``Cell`` (object, M, stage-2 mode, seed): ``ablation_cells`` lists them and
-``run_cell`` does one; cells depend on each other only through the views they share (made once, on first use).
+``run_cell`` does one; cells depend on each other only through the views they share (made once, first).
+Under ``accelerate launch`` the views, then the cells, are dealt across the processes (``hi3d.parallel``);
+the main process merges the cells' records from disk into the tables.
 Output folder::
 
     <object>/orbit/                                   ground-truth orbit
     <object>/<variant>/s<seed>/views/                 generated views (variant = <generator>-<stage2>;
                                                       generator=hi3d: generate/stage2/)
     <object>/<variant>/s<seed>/M<m>/                  the reconstruction (variant = gt for GT views)
-    <object>/<variant>/s<seed>/M<m>/metrics.json      scores; finished cells are skipped on re-runs
+    <object>/<variant>/s<seed>/M<m>/metrics.json      scores, settings key, process; finished cells are
+                                                      skipped on re-runs (failed.json + error.txt: failed)
     ablation.csv / .json / .md                        one row per cell, mean (± spread over seeds) per
                                                       (stage 2, M), and the paper's Table 3/4 rows, marked
     ablation.png                                      Chamfer, IoU (and interpolated-view PSNR) against M
-    run.json
+    run.json                                          (run-shard<r>-of-<n>.json per process)
+    shards/                                           what each process made, ran, skipped and failed
 
 The reconstructor hook ``fn(views_dir, out_dir, num_interp, overrides, seed) -> mesh path`` (default: the
 ``hi3d reconstruct`` command in a child process, whose mesh is exported in the views' source-file
@@ -52,6 +56,7 @@ from hi3d.eval import metrics
 from hi3d.eval.gso import find_mesh, gso_mesh_path
 from hi3d.eval.perturbed import PerturbConfig
 from hi3d.io import read_json, write_bytes, write_json
+from hi3d.parallel import child_env, file_lock
 from hi3d.pipelines.image_to_3d import STAGE2_MODES
 from hi3d.recon.hull import carve
 
@@ -111,7 +116,7 @@ def reconstruct_with_hi3d(views_dir: Path, out_dir: Path, num_interp: int, overr
     cmd = [sys.executable, "-m", "hi3d.cli", "reconstruct", str(views_dir), "--out", str(out_dir),
            "--num-interp", str(num_interp), *overrides, f"gaussians.seed={seed}", f"neus.seed={seed}"]
     with open(out_dir / "reconstruct.log", "ab") as logf:
-        code = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=child_env()).returncode
     mesh = find_mesh(out_dir)
     if code != 0 or mesh is None:
         raise Hi3DError(f"hi3d reconstruct of {views_dir} (M={num_interp}) exited {code}"
@@ -318,14 +323,34 @@ def object_source(entry: str, cfg: AblationConfig) -> tuple[str, Path]:
 
 
 def ground_truth_orbit(mesh_path: Path, cfg: AblationConfig, out_dir: Path) -> Path:
-    """Render (once) the object's GT orbit into ``out_dir``; returns the folder."""
+    """Render (once) the object's GT orbit into ``out_dir``; returns the folder. Several processes may need
+    it at once: the first renders it under a lock (``out_dir.parent/.orbit.lock``), the others wait for it."""
     from hi3d.data.render import RenderConfig, render_orbit
 
-    if not (out_dir / "cameras.json").is_file():
-        rc = RenderConfig(num_views=cfg.num_views, elevation=cfg.elevation, resolution=cfg.resolution,
-                          radius=cfg.radius, fov=cfg.fov)
-        save_orbit(render_orbit(mesh_path, rc), out_dir)
+    with file_lock(out_dir.parent / ".orbit.lock"):
+        if not (out_dir / "cameras.json").is_file():  # written last: a killed render is redone
+            rc = RenderConfig(num_views=cfg.num_views, elevation=cfg.elevation, resolution=cfg.resolution,
+                              radius=cfg.radius, fov=cfg.fov)
+            save_orbit(render_orbit(mesh_path, rc), out_dir)
     return out_dir
+
+
+def views_key(cell: Cell, cfg: AblationConfig) -> dict:
+    return {**GENERATORS[cfg.generator].key(cfg, cell.stage2), "seed": cell.seed}
+
+
+def made_views(cell: Cell, cfg: AblationConfig) -> Path | None:
+    """The cell's views folder when it is made (with the current settings), else None."""
+    if cell.stage2 is None:
+        gt_dir = Path(cfg.out) / cell.object / "orbit"
+        return gt_dir if (gt_dir / "cameras.json").is_file() else None
+    key_file = cell.seed_dir(cfg) / "views.key.json"
+    try:
+        saved = read_json(key_file)
+    except (OSError, ValueError):
+        return None
+    ok = saved.get("key") == views_key(cell, cfg) and (Path(saved["views"]) / "cameras.json").is_file()
+    return Path(saved["views"]) if ok else None
 
 
 def views_for(cell: Cell, mesh_path: Path, cfg: AblationConfig) -> Path:
@@ -334,13 +359,11 @@ def views_for(cell: Cell, mesh_path: Path, cfg: AblationConfig) -> Path:
     gt_dir = ground_truth_orbit(mesh_path, cfg, Path(cfg.out) / cell.object / "orbit")
     if cell.stage2 is None:
         return gt_dir
-    generator = GENERATORS[cfg.generator]
-    key, key_file = {**generator.key(cfg, cell.stage2), "seed": cell.seed}, cell.seed_dir(cfg) / "views.key.json"
-    saved = read_json(key_file) if key_file.is_file() else {}
-    if saved.get("key") == key and (Path(saved["views"]) / "cameras.json").is_file():
-        return Path(saved["views"])
-    views_dir = Path(generator(cfg, gt_dir, cell.seed_dir(cfg) / "views", cell.stage2, cell.seed))
-    write_json(key_file, {"key": key, "views": str(views_dir)})
+    views_dir = made_views(cell, cfg)
+    if views_dir is not None:
+        return views_dir
+    views_dir = Path(GENERATORS[cfg.generator](cfg, gt_dir, cell.seed_dir(cfg) / "views", cell.stage2, cell.seed))
+    write_json(cell.seed_dir(cfg) / "views.key.json", {"key": views_key(cell, cfg), "views": str(views_dir)})
     return views_dir
 
 
@@ -385,70 +408,151 @@ def score_views(views_dir: Path, run_dir: Path, gt_dir: Path) -> dict[str, float
     return out
 
 
-def run_cell(cell: Cell, views_dir: Path, mesh_path: Path, cfg: AblationConfig, reconstruct: Callable[..., Path]) -> dict:
+def finished_cell(cell: Cell, cfg: AblationConfig) -> dict | None:
+    """The cell's ``metrics.json`` when it was made with the current settings (``cell_key``), else None."""
+    try:
+        row = read_json(cell.run_dir(cfg) / "metrics.json")
+    except (OSError, ValueError):
+        return None
+    return row if row.get("key") == cell_key(cell, cfg) else None
+
+
+def run_cell(cell: Cell, views_dir: Path, mesh_path: Path, cfg: AblationConfig, reconstruct: Callable[..., Path],
+             shard=None) -> dict:
     """Reconstruct and score one cell from ``views_dir`` (or read its finished scores); writes
-    ``<run dir>/metrics.json``."""
-    run_dir, key = cell.run_dir(cfg), cell_key(cell, cfg)
-    done = run_dir / "metrics.json"
-    if done.is_file():
-        row = read_json(done)
-        if row.get("key") == key:
-            return row
+    ``<run dir>/metrics.json`` with the ``process`` (rank of ``shard``, a ``hi3d.parallel.Shard``) that ran it."""
+    row = finished_cell(cell, cfg)
+    if row is not None:
+        return row
+    run_dir = cell.run_dir(cfg)
     mesh = reconstruct(views_dir, run_dir, cell.m, list(cfg.reconstruct_overrides), cell.seed)
     row = {"object": cell.object, "m": cell.m, "seed": cell.seed, "views": cfg.views,
            "generator": cfg.generator if cell.stage2 else None, "stage2": cell.stage2,
            **score_reconstruction(Path(mesh), views_dir, mesh_path, cfg),
-           **score_views(views_dir, run_dir, Path(cfg.out) / cell.object / "orbit"), "key": key}
-    write_json(done, row)
+           **score_views(views_dir, run_dir, Path(cfg.out) / cell.object / "orbit"), "key": cell_key(cell, cfg),
+           "process": shard.rank if shard is not None else 0}
+    write_json(run_dir / "metrics.json", row)
     return row
 
 
-def run_ablation(cfg: AblationConfig, reconstruct: Callable[..., Path] | None = None) -> dict[str, Any]:
-    """Every cell: reconstruct and score; resumable, failures listed, not fatal. Rewrites the tables and the
-    plot after every cell; returns ``{"rows", "summary", "failed", ...}``."""
+def views_units(cells: list[Cell]) -> list[Cell]:
+    """One cell per views folder (object, stage 2, seed), in cell order: the units of the views phase."""
+    seen: dict[tuple, Cell] = {}
+    for c in cells:
+        seen.setdefault((c.object, c.stage2, c.seed), c)
+    return list(seen.values())
+
+
+def run_ablation(cfg: AblationConfig, reconstruct: Callable[..., Path] | None = None, shard=None) -> dict[str, Any]:
+    """Every cell: reconstruct and score; resumable, failures listed, not fatal.
+
+    Work is dealt across the processes of ``accelerate launch`` (``hi3d.parallel.Shard``; one process without
+    a launch) in two phases: the views (GT orbits, generated views: one unit per object, stage 2 and seed),
+    then, once all are made, the cells. Every unit is recorded on disk as it finishes (``metrics.json``, or
+    ``failed.json`` / ``views.failed.json`` with the error), with the process that ran it; finished units are
+    skipped on re-runs, whatever their process count. The main process merges the records from disk into the
+    tables and the plot (rewritten after each of its cells, and at the end once every process is done).
+    Returns ``{"rows", "summary", "failed", ...}``."""
+    from hi3d.parallel import Shard
     from hi3d.provenance import RunRecord
 
     check_config(cfg)
     sources = dict(object_source(o, cfg) for o in cfg.objects)
     custom = reconstruct
     reconstruct = reconstruct or resolve_hook(cfg.reconstructor, RECONSTRUCTORS, "reconstructor")
+    shard = shard or Shard()
     out = Path(cfg.out)
-    rec = RunRecord(out, "ablate-m", config=cfg, seed=cfg.seeds[0])
-    rows, failed, bad_views = [], [], {}
+    rec = RunRecord(out, "ablate-m", config=cfg, seed=cfg.seeds[0], filename=shard.run_filename())
     info = {"views": cfg.views, "generator": cfg.generator if cfg.views == "generated" else None,
             "stage2": cfg.stage2 if cfg.views == "generated" else "n/a (GT views)", "seeds": list(cfg.seeds),
             "reconstructor": getattr(custom, "__name__", "custom") if custom else cfg.reconstructor,
             "perturb": dataclasses.asdict(cfg.perturb) if cfg.generator == "perturbed" else None}
-    for cell in ablation_cells(cfg, list(sources)):
-        views_key = (cell.object, cell.stage2, cell.seed)
-        if views_key in bad_views:
+    cells = ablation_cells(cfg, list(sources))
+    account: dict[str, list] = {"views_made": [], "views_failed": [], "ran": [], "skipped": [], "failed": []}
+    for unit in shard.mine(views_units(cells)):  # phase 1: the views, each made once
+        failed_file = unit.seed_dir(cfg) / "views.failed.json"
+        if made_views(unit, cfg) is not None:
             continue
         try:
-            views_dir = views_for(cell, sources[cell.object], cfg)
+            views_for(unit, sources[unit.object], cfg)
+            failed_file.unlink(missing_ok=True)
+            account["views_made"].append(_views_name(unit, cfg))
         except Exception as e:  # the views of an (object, stage 2, seed) failed: its cells are listed once
-            log.warning("%s %s s%d: views failed: %s", cell.object, cell.variant(cfg), cell.seed, e)
-            bad_views[views_key] = True
-            failed.append({"object": cell.object, "m": None, "stage2": cell.stage2, "seed": cell.seed,
-                           "error": f"{type(e).__name__}: {e}"})
+            log.warning("%s %s s%d: views failed: %s", unit.object, unit.variant(cfg), unit.seed, e)
+            shard.record(failed_file, {"key": views_key(unit, cfg) if unit.stage2 else "gt",
+                                       "error": f"{type(e).__name__}: {e}"})
+            account["views_failed"].append(_views_name(unit, cfg))
+    shard.wait()
+    for cell in shard.mine(cells):  # phase 2: the cells
+        name = _cell_name(cell, cfg)
+        views_dir = made_views(cell, cfg)
+        if views_dir is None:  # its views failed (listed by the merge)
+            continue
+        if finished_cell(cell, cfg) is not None:
+            account["skipped"].append(name)
             continue
         try:
-            with rec.stage(f"{cell.object}/{cell.variant(cfg)}/s{cell.seed}/M{cell.m}") as entry:
-                row = run_cell(cell, views_dir, sources[cell.object], cfg, reconstruct)
-                entry.update({k: row[k] for k in SCORES})
-            rows.append(row)
-            log.info("%s %s s%d M=%d: chamfer %.4f iou %.4f", cell.object, cell.variant(cfg), cell.seed, cell.m,
-                     row["chamfer"], row["iou"])
+            with rec.stage(name) as entry:
+                row = run_cell(cell, views_dir, sources[cell.object], cfg, reconstruct, shard)
+                entry.update({k: row[k] for k in SCORES}, process=shard.rank)
+            for stale in ("failed.json", "error.txt"):
+                (cell.run_dir(cfg) / stale).unlink(missing_ok=True)
+            account["ran"].append(name)
+            log.info("[%d/%d] %s: chamfer %.4f iou %.4f", shard.rank, shard.world, name, row["chamfer"], row["iou"])
         except Exception as e:  # one failing cell must not stop the table
-            log.warning("%s M=%d failed: %s", cell.object, cell.m, e)
-            cell.run_dir(cfg).mkdir(parents=True, exist_ok=True)
+            log.warning("[%d/%d] %s failed: %s", shard.rank, shard.world, name, e)
             write_bytes(cell.run_dir(cfg) / "error.txt", traceback.format_exc().encode())
-            failed.append({"object": cell.object, "m": cell.m, "stage2": cell.stage2, "seed": cell.seed,
-                           "error": f"{type(e).__name__}: {e}"})
-        write_outputs(out, {**info, "rows": rows, "summary": summarise(rows), "failed": failed})
-    result = {**info, "rows": rows, "summary": summarise(rows), "failed": failed}
-    write_outputs(out, result)
-    rec.finish(failed=failed)
+            shard.record(cell.run_dir(cfg) / "failed.json", {"key": cell_key(cell, cfg), "error": f"{type(e).__name__}: {e}"})
+            account["failed"].append(name)
+        if shard.is_main:  # progress: what every process has finished so far
+            write_outputs(out, {**info, **merge_cells(cells, cfg, final=False)})
+    shard.log(out, "ablate-m", **account)
+    rec.finish(failed=account["failed"] + account["views_failed"])
+    shard.wait()  # every cell of every process has its record on disk
+    result = {**info, **merge_cells(cells, cfg), "process": shard.rank, "processes": shard.world}
+    if shard.is_main:
+        write_outputs(out, result)
     return result
+
+
+def _views_name(cell: Cell, cfg: AblationConfig) -> str:
+    return f"{cell.object}/{cell.variant(cfg)}/s{cell.seed}"
+
+
+def _cell_name(cell: Cell, cfg: AblationConfig) -> str:
+    return f"{_views_name(cell, cfg)}/M{cell.m}"
+
+
+def _error(path: Path, key) -> str | None:
+    try:
+        rec = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return rec.get("error") if rec.get("key") == key else None
+
+
+def merge_cells(cells: list[Cell], cfg: AblationConfig, final: bool = True) -> dict[str, Any]:
+    """``{"rows", "summary", "failed"}`` from the records on disk, in cell order: a finished cell's
+    ``metrics.json``; a views failure once per (object, stage 2, seed) (``m`` None); a cell's ``failed.json``;
+    with ``final``, a cell with neither is listed as not run."""
+    rows, failed, listed = [], [], set()
+    for cell in cells:
+        row = finished_cell(cell, cfg)
+        if row is not None:
+            rows.append(row)
+            continue
+        entry = {"object": cell.object, "m": cell.m, "stage2": cell.stage2, "seed": cell.seed}
+        views_error = None if made_views(cell, cfg) is not None else _error(
+            cell.seed_dir(cfg) / "views.failed.json", views_key(cell, cfg) if cell.stage2 else "gt")
+        if views_error is not None:
+            if _views_name(cell, cfg) not in listed:
+                listed.add(_views_name(cell, cfg))
+                failed.append({**entry, "m": None, "error": views_error})
+            continue
+        error = _error(cell.run_dir(cfg) / "failed.json", cell_key(cell, cfg))
+        if error is not None or final:
+            failed.append({**entry, "error": error or "not run (its process stopped before it)"})
+    return {"rows": rows, "summary": summarise(rows), "failed": failed}
 
 
 # ------------------------------------------------------------------------------------------- tables

@@ -29,10 +29,15 @@ Output folder ``<out>``::
     <object>/gt/            ground-truth orbit (orbit layout), rendered once and reused
     <object>/input.png      the input view given to the method (RGBA)
     <object>/pred/          whatever the method writes
-    <object>/metrics.json   scores; its presence marks the object finished (resume skips it)
-    <object>/error.txt      the traceback of a failed object (retried on the next run)
+    <object>/metrics.json   scores, settings key and process; marks the object finished (a resume with the
+                            same settings skips it)
+    <object>/error.txt      the traceback of a failed object, failed.json its one-line record (retried next run)
     results.csv / results.json / results.md   per-object rows and the mean over scored objects
-    run.json
+    run.json                (run-shard<r>-of-<n>.json per process under accelerate launch)
+    shards/                 what each process ran, skipped and failed
+
+Objects are dealt across the processes of ``accelerate launch`` (``hi3d.parallel``: one GPU each, gloo CPU
+processes without CUDA); the main process merges the per-object records into the tables once all are done.
 
 A method is anything with ``predict(input_rgba, elevation, out_dir, object_name) -> (Orbit | None,
 mesh path | None)`` (see ``Method``). ``FolderMethod`` reads precomputed predictions; other methods are
@@ -72,6 +77,7 @@ from hi3d.data.orbit import Orbit, load_orbit, save_orbit
 from hi3d.errors import Hi3DError
 from hi3d.eval import metrics, syncdreamer
 from hi3d.io import read_json, save_png, write_bytes, write_json
+from hi3d.parallel import child_env
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +217,7 @@ class GenerateMethod:
         else:  # a child process: isolates crashes and memory of one object from the benchmark
             with open(out_dir / "generate.log", "ab") as logf:
                 code = subprocess.run([sys.executable, "-m", "hi3d.cli", "generate", *argv], stdout=logf,
-                                      stderr=subprocess.STDOUT).returncode
+                                      stderr=subprocess.STDOUT, env=child_env()).returncode
         if code not in (0, None):
             raise Hi3DError(f"hi3d generate failed for {object_name} (exit {code}; see {out_dir / 'generate.log'})")
         views = next((load_orbit(out_dir / d, load_depth=False) for d in self.views_dirs
@@ -404,8 +410,15 @@ def make_lpips(cfg: GSOConfig):
 
 # ------------------------------------------------------------------------------------------- runner
 
-def evaluate_object(name: str, cfg: GSOConfig, method: Method, lpips_model=None) -> dict[str, Any]:
-    """Render, predict and score one object; writes ``<out>/<name>/metrics.json``. Raises on failure."""
+def object_key(cfg: GSOConfig) -> dict[str, Any]:
+    """What an object's scores are made from (every setting but the output folder and the object list): a
+    finished object whose ``metrics.json`` has another key is evaluated again."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "objects")}
+
+
+def evaluate_object(name: str, cfg: GSOConfig, method: Method, lpips_model=None, shard=None) -> dict[str, Any]:
+    """Render, predict and score one object; writes ``<out>/<name>/metrics.json`` (with the ``process`` of
+    ``shard``, a ``hi3d.parallel.Shard``, default 0). Raises on failure."""
     obj_dir = Path(cfg.out) / name
     mesh_path = gso_mesh_path(cfg.gso_root, name)
     if not mesh_path.is_file():
@@ -417,14 +430,27 @@ def evaluate_object(name: str, cfg: GSOConfig, method: Method, lpips_model=None)
         row.update(score_views(views, gt, cfg, lpips_model))
     if pred_mesh is not None:
         row.update(score_mesh(Path(pred_mesh), mesh_path, cfg, name))
+    row = {**row, "process": shard.rank if shard is not None else 0, "key": object_key(cfg)}
     write_json(obj_dir / "metrics.json", row)
     return row
 
 
-def run_gso(cfg: GSOConfig, method: Method | None = None) -> dict[str, Any]:
-    """Evaluate every object of ``cfg.objects``; finished objects (``metrics.json``) are skipped, a failing
-    object is logged and listed, not fatal. Returns ``{"rows", "mean", "failed", "skipped"}`` (also in
-    ``results.json``, ``results.csv``, ``results.md``)."""
+def finished_row(obj_dir: Path, key: dict) -> dict | None:
+    """The object's ``metrics.json`` when it was made with ``key``, else None."""
+    try:
+        row = read_json(obj_dir / "metrics.json")
+    except (OSError, ValueError):
+        return None
+    return row if row.get("key") == key else None
+
+
+def run_gso(cfg: GSOConfig, method: Method | None = None, shard=None) -> dict[str, Any]:
+    """Evaluate every object of ``cfg.objects``, objects dealt across the processes of ``accelerate launch``
+    (``hi3d.parallel.Shard``; one process without a launch). Finished objects (``metrics.json`` of the same
+    settings) are skipped, a failing object is recorded (``error.txt``, ``failed.json``) and listed, not fatal.
+    Once every process is done, the tables are merged from the per-object records on disk. Returns
+    ``{"rows", "mean", "failed", "skipped"}`` (also in ``results.json``, ``results.csv``, ``results.md``)."""
+    from hi3d.parallel import Shard
     from hi3d.provenance import RunRecord
 
     check_config(cfg)
@@ -432,33 +458,59 @@ def run_gso(cfg: GSOConfig, method: Method | None = None) -> dict[str, Any]:
         raise Hi3DError(f"GSO folder not found: '{cfg.gso_root}' (set gso_root=<folder with <object>/meshes/model.obj>)")
     names = read_object_list(cfg.objects)
     out = Path(cfg.out)
-    rec = RunRecord(out, "eval-gso", config=cfg, seed=cfg.seed)
+    shard = shard or Shard()
+    rec = RunRecord(out, "eval-gso", config=cfg, seed=cfg.seed, filename=shard.run_filename())
     method = method or make_method(cfg)
     lpips_model = make_lpips(cfg)
-    rows, failed, skipped = [], [], []
+    key = object_key(cfg)
+    ran, failed, skipped = [], [], []
     with rec.stage("evaluate") as entry:
-        for name in names:
-            done = out / name / "metrics.json"
-            if done.is_file():
-                rows.append(read_json(done))
+        for name in shard.mine(names):
+            obj_dir = out / name
+            if finished_row(obj_dir, key) is not None:
                 skipped.append(name)
                 continue
             try:
-                rows.append(evaluate_object(name, cfg, method, lpips_model))
-                (out / name / "error.txt").unlink(missing_ok=True)
-                log.info("%s: %s", name, rows[-1])
+                row = evaluate_object(name, cfg, method, lpips_model, shard)
+                (obj_dir / "error.txt").unlink(missing_ok=True)
+                (obj_dir / "failed.json").unlink(missing_ok=True)
+                ran.append(name)
+                log.info("[%d/%d] %s: %s", shard.rank, shard.world, name, row)
             except Exception as e:  # one bad object must not stop a 30-object run
                 msg = f"{type(e).__name__}: {e}"
-                log.warning("%s failed: %s", name, msg)
-                write_bytes(out / name / "error.txt", traceback.format_exc().encode())
-                failed.append({"object": name, "error": msg})
-        entry.update(objects=len(names), scored=len(rows), failed=len(failed), skipped=len(skipped))
-    result = {"method": getattr(method, "name", cfg.method), "protocol": cfg.protocol, "rows": rows,
-              "mean": mean_row(rows),
-              "failed": failed, "skipped": skipped}
-    write_tables(out, result)
-    rec.finish(failed=[f["object"] for f in failed])
+                log.warning("[%d/%d] %s failed: %s", shard.rank, shard.world, name, msg)
+                write_bytes(obj_dir / "error.txt", traceback.format_exc().encode())
+                shard.record(obj_dir / "failed.json", {"object": name, "error": msg, "key": key})
+                failed.append(name)
+        entry.update(objects=len(names), mine=len(shard.mine(names)), ran=len(ran), failed=len(failed),
+                     skipped=len(skipped))
+    shard.log(out, "eval-gso", ran=ran, skipped=skipped, failed=failed)
+    rec.finish(failed=failed)
+    shard.wait()  # every object of every process has its record on disk
+    result = merge_results(out, names, key, skipped=[n for lg in shard.read_logs(out, "eval-gso") for n in lg["skipped"]],
+                           method=getattr(method, "name", cfg.method), protocol=cfg.protocol)
+    result.update(process=shard.rank, processes=shard.world)  # the merge is the same in every process
+    if shard.is_main:
+        write_tables(out, result)
     return result
+
+
+def merge_results(out: Path, names: list[str], key: dict, skipped: list[str], method: str, protocol: str) -> dict:
+    """The run's result from the per-object records in ``out`` (``metrics.json`` with ``key``, else
+    ``failed.json``), in list order; rows keep the ``process`` that scored them."""
+    rows, failed = [], []
+    for name in names:
+        row = finished_row(out / name, key)
+        if row is not None:
+            rows.append({k: v for k, v in row.items() if k != "key"})
+            continue
+        try:
+            error = read_json(out / name / "failed.json")["error"]
+        except (OSError, ValueError, KeyError):
+            error = "not evaluated (its process stopped before it)"
+        failed.append({"object": name, "error": error})
+    return {"method": method, "protocol": protocol, "rows": rows, "mean": mean_row(rows), "failed": failed,
+            "skipped": [n for n in names if n in set(skipped)]}
 
 
 def mean_row(rows: list[dict]) -> dict[str, float]:
