@@ -247,3 +247,37 @@ def test_generate_method_child_process_failure(tmp_path):
     with pytest.raises(gso.Hi3DError, match="generate.log"):
         gso.GenerateMethod().predict(torch.ones(16, 16, 4), 30.0, tmp_path / "pred", "thing")
     assert (tmp_path / "pred" / "generate.log").stat().st_size > 0
+
+
+def test_objects_dealt_across_two_processes_and_resumed_with_one(perturbed_runs, tmp_path):
+    """`accelerate launch --num_processes 2 scripts/eval_gso.py` with predictions read from a folder: the same
+    table as the one-process run, the objects split between the ranks; after losing rank 1's object (and a
+    half-written record), one process scores exactly that object again."""
+    from conftest import accelerate_launch_two_cpu
+
+    result, cfg = perturbed_runs[0.1]
+    two = tmp_path / "two"
+    for name in ("bunny", "spider", "wuson"):  # the same GT renders (as in test_evaluation_is_deterministic)
+        shutil.copytree(Path(cfg.out) / name / "gt", two / name / "gt")
+        shutil.copy(Path(cfg.out) / name / "input.png", two / name / "input.png")
+    args = ["--gso-root", cfg.gso_root, "--pred", cfg.pred_dir, "--objects", "bunny,spider,wuson", "--out", str(two),
+            *[f"{k}={v}" for k, v in SMALL.items()]]
+    proc = accelerate_launch_two_cpu([str(REPO / "scripts" / "eval_gso.py"), *args], timeout=300)
+    assert json.loads(proc.stdout)["mean"] == result["mean"]  # printed once, by the main process
+    assert (two / "results.csv").read_text() == (Path(cfg.out) / "results.csv").read_text()
+    rows = json.loads((two / "results.json").read_text())["rows"]
+    assert [{k: v for k, v in r.items() if k != "process"} for r in rows] == \
+        [{k: v for k, v in r.items() if k != "process"} for r in result["rows"]]
+    assert {r["object"]: r["process"] for r in rows} == {"bunny": 0, "spider": 1, "wuson": 0}  # dealt by index
+    logs = [json.loads((two / "shards" / f"eval-gso-shard000{r}-of-0002.json").read_text()) for r in (0, 1)]
+    assert [lg["ran"] for lg in logs] == [["bunny", "wuson"], ["spider"]]
+    # rank 1 killed before spider's record was renamed into place
+    stamp = (two / "bunny" / "metrics.json").stat().st_mtime_ns
+    (two / "spider" / "metrics.json").rename(two / "spider" / ".metrics.json.cut.tmp.json")
+    main = runpy.run_path(str(REPO / "scripts" / "eval_gso.py"))["main"]
+    assert main(args) == 0
+    log = json.loads((two / "shards" / "eval-gso-shard0000-of-0001.json").read_text())
+    assert log["ran"] == ["spider"] and log["skipped"] == ["bunny", "wuson"]
+    assert (two / "bunny" / "metrics.json").stat().st_mtime_ns == stamp
+    assert json.loads((two / "spider" / "metrics.json").read_text())["process"] == 0
+    assert (two / "results.csv").read_text() == (Path(cfg.out) / "results.csv").read_text()
