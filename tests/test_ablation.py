@@ -271,3 +271,30 @@ def test_realesrgan_without_its_file_fails_at_start_up_in_one_line(tmp_path, tin
     assert main(["--objects", str(real_object("wuson")), "--views", "generated", "generator=hi3d",
                  "--out", str(tmp_path)]) == 2
     assert "needs weights=DIR" in capsys.readouterr().err
+
+
+def test_failed_views_are_listed_once_and_retried(tmp_path, monkeypatch):
+    """Views that fail (one seed of the generator) are recorded (views.failed.json), listed once with m None
+    and their cells not run; the next run makes them and runs those cells only."""
+    wuson = str(real_object("wuson"))
+    cfg = load_config(ablation.AblationConfig, None, [f"objects=[{wuson}]", f"out={tmp_path}", "m_values=[0,4]",
+                                                      "views=generated", "generator=perturbed", "seeds=[0,1]"] + SMALL)
+    real = ablation.GENERATORS["perturbed"]
+
+    class Flaky(type(real)):
+        def __call__(self, cfg, gt_dir, out_dir, stage2, seed):
+            if seed == 1:
+                raise RuntimeError("generator out of memory")
+            return real(cfg, gt_dir, out_dir, stage2, seed)
+
+    monkeypatch.setitem(ablation.GENERATORS, "perturbed", Flaky())
+    calls = []
+    res = ablation.run_ablation(cfg, shrinking_error_reconstructor(calls))
+    assert [(f["seed"], f["m"], f["error"]) for f in res["failed"]] == [(1, None, "RuntimeError: generator out of memory")]
+    assert [(r["seed"], r["m"]) for r in res["rows"]] == [(0, 0), (0, 4)] and len(calls) == 2
+    assert json.loads((tmp_path / "Wuson" / "perturbed-full" / "s1" / "views.failed.json").read_text())["process"] == 0
+    monkeypatch.setitem(ablation.GENERATORS, "perturbed", real)
+    calls.clear()
+    again = ablation.run_ablation(cfg, shrinking_error_reconstructor(calls))
+    assert not again["failed"] and sorted(c[1:] for c in calls) == [(0, (), 1), (4, (), 1)]
+    assert not (tmp_path / "Wuson" / "perturbed-full" / "s1" / "views.failed.json").exists()
