@@ -62,6 +62,19 @@ def test_hashgrid_matches_direct_per_level_evaluation():
     torch.testing.assert_close(sf, sr, rtol=0, atol=1e-9)
 
 
+def test_hashgrid_at_the_demo_size_and_with_levels_disabled_matches_the_reference():
+    g = torch.Generator().manual_seed(2)
+    grid = HashGrid(12, 2, 15, 16, 256, init_scale=1.0, generator=g).double()  # configs/recon/neus.yaml
+    x = torch.rand(3000, 3, generator=g, dtype=torch.float64)
+    ref = reference_encode(grid, x)
+    torch.testing.assert_close(grid(x), ref, rtol=0, atol=1e-12)
+    part = grid(x, levels=5)  # coarse-to-fine: levels 5.. are zero and get no gradient
+    torch.testing.assert_close(part[:, :10], ref[:, :10], rtol=0, atol=1e-12)
+    assert not part[:, 10:].any()
+    part.sum().backward()
+    assert not grid.table.grad[int(grid.offsets[5]):].any() and grid.table.grad[:int(grid.offsets[5])].any()
+
+
 def test_hashgrid_dense_level_is_trilinear_interpolation_of_its_vertices():
     g = torch.Generator().manual_seed(1)
     grid = HashGrid(1, 3, 12, 7, 7, init_scale=1.0, generator=g).double()  # one dense level, 8^3 vertices

@@ -48,40 +48,51 @@ class HashGrid(nn.Module):
     def output_dim(self) -> int:
         return self.num_levels * self.features_per_level
 
-    def _index(self, base: torch.Tensor) -> torch.Tensor:
-        """Cell origins ``[N, L, 3]`` (int64) -> table rows of the 8 corners ``[N, L, 8]`` (c = dx + 2dy + 4dz).
+    def _index(self, base: torch.Tensor, levels: int) -> torch.Tensor:
+        """Cell origins ``[N, levels, 3]`` (int32) -> table rows of the 8 corners ``[N, levels, 8]`` (int32,
+        c = dx + 2dy + 4dz) of the first ``levels`` levels.
 
-        Per-axis terms ``[N, L, 2]`` are combined by broadcasting, so each product is computed once."""
-        nd = int(self.dense.sum())  # dense levels come first (resolution grows with the level)
-        c = base[..., None] + torch.arange(2, device=base.device)  # [N, L, 3, 2]
-        parts = []
+        Per-axis terms ``[N, l, 2]`` are combined by broadcasting straight into the output, so each product
+        is computed once and no intermediate of the full size is made. The hash keeps the low
+        ``log2_hashmap_size`` bits of every per-axis product before the xor (the low bits of a product
+        depend only on the low bits of its factors), so no product overflows int32."""
+        n = base.shape[0]
+        nd = min(int(self.dense.sum()), levels)  # dense levels come first (resolution grows with the level)
+        c = base[..., None] + torch.arange(2, dtype=base.dtype, device=base.device)  # [N, l, 3, 2]
+        offsets = self.offsets[:levels].to(base.dtype).view(1, -1, 1)
+        idx = torch.empty(n, levels, 2, 2, 2, dtype=base.dtype, device=base.device)  # [N, l, dz, dy, dx]
         if nd:
-            s = (self.resolutions[:nd] + 1).view(1, -1, 1)
-            x, y, z = c[:, :nd, 0], c[:, :nd, 1] * s, c[:, :nd, 2] * s * s
-            parts.append(z[..., :, None, None] + y[..., None, :, None] + x[..., None, None, :])
-        if nd < self.num_levels:
-            x, y, z = c[:, nd:, 0] * PRIMES[0], c[:, nd:, 1] * PRIMES[1], c[:, nd:, 2] * PRIMES[2]
-            h = z[..., :, None, None] ^ y[..., None, :, None] ^ x[..., None, None, :]
-            parts.append(h & (self.table_size - 1))
-        idx = torch.cat(parts, dim=1).flatten(2)  # [N, L, 8]
-        return idx + self.offsets.view(1, -1, 1)
+            s = (self.resolutions[:nd] + 1).to(base.dtype).view(1, -1, 1)
+            x, y, z = c[:, :nd, 0], c[:, :nd, 1] * s, c[:, :nd, 2] * (s * s) + offsets[:, :nd]
+            torch.add((z[..., :, None] + y[..., None, :])[..., None], x[..., None, None, :], out=idx[:, :nd])
+        if nd < levels:
+            mask = self.table_size - 1
+            x, y, z = ((c[:, nd:, a] * (p & mask)) & mask for a, p in enumerate(PRIMES))
+            hashed = idx[:, nd:]
+            torch.bitwise_xor((z[..., :, None] ^ y[..., None, :])[..., None], x[..., None, None, :], out=hashed)
+            hashed += offsets[:, nd:, :, None, None]
+        return idx.view(n, levels, 8)
 
-    def forward(self, x: torch.Tensor, level_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [N, 3]`` in [0, 1] -> ``[N, L*F]``; ``level_mask [L]`` (0/1) zeroes disabled levels."""
+    def forward(self, x: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+        """``x [N, 3]`` in [0, 1] -> ``[N, L*F]``; only the first ``levels`` levels (default all) are looked
+        up, the features of the others are zero (coarse-to-fine training)."""
+        levels = self.num_levels if levels is None else max(0, min(int(levels), self.num_levels))
         x = x.clamp(0.0, 1.0)
-        pos = x[:, None, :] * self.resolutions.to(x.dtype)[None, :, None]  # [N, L, 3]
-        base = pos.detach().floor().clamp(max=self.resolutions.view(1, -1, 1) - 1)
-        frac = pos - base  # [N, L, 3], differentiable in x
-        wx, wy, wz = torch.stack([1 - frac, frac], dim=-1).unbind(2)  # each [N, L, 2]
-        w = (wz[..., :, None, None] * wy[..., None, :, None] * wx[..., None, None, :]).flatten(2)  # [N, L, 8]
-        idx = self._index(base.long())  # [N, L, 8]
+        res = self.resolutions[:levels]
+        pos = x[:, None, :] * res.to(x.dtype)[None, :, None]  # [N, l, 3]
+        base = pos.detach().floor().clamp(max=res.view(1, -1, 1) - 1)
+        frac = pos - base  # [N, l, 3], differentiable in x
+        wx, wy, wz = torch.stack([1 - frac, frac], dim=-1).unbind(2)  # each [N, l, 2]
+        w = (wz[..., :, None, None] * wy[..., None, :, None] * wx[..., None, None, :]).flatten(2)  # [N, l, 8]
+        idx = self._index(base.int(), levels)  # [N, l, 8]
         # index_select, not table[idx]: the backward of advanced indexing (index_put_ with accumulate) adds
-        # in a thread-dependent order on CPU, index_select's (index_add_) in a fixed one: bit-reproducible
-        feats = self.table.index_select(0, idx.flatten()).view(*idx.shape, -1)  # [N, L, 8, F]
-        out = torch.einsum("nlc,nlcf->nlf", w, feats.to(x.dtype))  # [N, L, F]
-        if level_mask is not None:
-            out = out * level_mask.to(out)[None, :, None]
-        return out.reshape(x.shape[0], -1)
+        # in a thread-dependent order on CPU, index_select's in a fixed one: bit-reproducible. int64 rows:
+        # with int32 ones the CPU backward takes a serial index_add_ path (5x slower)
+        feats = self.table.index_select(0, idx.flatten().long()).view(*idx.shape, -1)  # [N, l, 8, F]
+        out = torch.einsum("nlc,nlcf->nlf", w, feats.to(x.dtype)).reshape(x.shape[0], -1)  # [N, l*F]
+        if levels < self.num_levels:
+            out = torch.cat([out, out.new_zeros(x.shape[0], (self.num_levels - levels) * self.features_per_level)], 1)
+        return out
 
 
 def reference_encode(grid: HashGrid, x: torch.Tensor) -> torch.Tensor:

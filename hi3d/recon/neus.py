@@ -119,10 +119,10 @@ class SDFNetwork(nn.Module):
             last.bias.zero_()
             last.bias[0] = -cfg.init_radius
         self.act = nn.Softplus(beta=100)
-        self.register_buffer("level_mask", torch.ones(cfg.num_levels), persistent=False)
+        self.active_levels = cfg.num_levels  # coarse-to-fine: hash levels looked up (the others are zero)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = torch.cat([x, self.encoding((x / self.bound + 1) / 2, self.level_mask)], dim=-1)
+        h = torch.cat([x, self.encoding((x / self.bound + 1) / 2, self.active_levels)], dim=-1)
         for layer in self.layers[:-1]:
             h = self.act(layer(h))
         out = self.layers[-1](h)
@@ -174,7 +174,7 @@ class NeuSModel(nn.Module):
     def set_progress(self, step: int) -> None:
         """Coarse-to-fine hash levels: ``start_levels`` at step 0, one more every ``level_every`` steps."""
         n = min(self.cfg.num_levels, self.cfg.start_levels + step // max(self.cfg.level_every, 1))
-        self.sdf_net.level_mask.copy_((torch.arange(self.cfg.num_levels) < n).float())
+        self.sdf_net.active_levels = n
 
     @torch.no_grad()
     def query_sdf(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ def encode_advanced_indexing(grid: HashGrid, x: torch.Tensor) -> torch.Tensor:
     frac = pos - base
     wx, wy, wz = torch.stack([1 - frac, frac], dim=-1).unbind(2)
     w = (wz[..., :, None, None] * wy[..., None, :, None] * wx[..., None, None, :]).flatten(2)
-    feats = grid.table[grid._index(base.long())]
+    feats = grid.table[grid._index(base.int(), grid.num_levels).long()]
     return torch.einsum("nlc,nlcf->nlf", w, feats.to(x.dtype)).reshape(x.shape[0], -1)
 
 
