@@ -276,21 +276,25 @@ def rasterize_tiles(means, quats, scales, opacities, colors, c2w, K, width: int,
     dt, dev = means.dtype, means.device
     C = colors.shape[-1]
     proj = project_gaussians(means, quats, scales, opacities, _viewmat(c2w), K, width, height, near, eps2d)
-    gauss_ids, _, tile_start, tile_count = bin_tiles(proj, width, height, tile_size)
+    gauss_ids, tile_ids, tile_start, tile_count = bin_tiles(proj, width, height, tile_size)
     tw, th = math.ceil(width / tile_size), math.ceil(height / tile_size)
     P = tile_size * tile_size
     feat = torch.cat([colors, proj.depths[:, None], torch.ones_like(proj.depths)[:, None]], -1)
     basis = _tile_basis(tile_size, dt, dev)
-    far = torch.tensor([1e4, 0, 0, 0, 0, 0], dtype=dt, device=dev)  # padding: exp(-1e4) = 0
+    # every (tile, Gaussian) pair's exponent coefficients and features at once, then one gather per chunk;
+    # row M is the padding: exp(-1e4) = 0, no features
+    centre = (torch.stack([tile_ids % tw, tile_ids // tw], -1).to(dt) + 0.5) * tile_size
+    pairs = torch.cat([_quadratic_coefs(proj.means2d[gauss_ids], proj.conics[gauss_ids], opacities[gauss_ids],
+                                        centre), feat[gauss_ids]], -1)  # [M, 6 + C + 2]
+    pad = torch.zeros(1, pairs.shape[1], dtype=dt, device=dev)
+    pad[0, 0] = 1e4
+    pairs = torch.cat([pairs, pad])
     outputs, tiles_done = [], []
     for tiles, kmax in _chunks(tile_count, P, chunk_elements):
         ar = torch.arange(kmax, device=dev)
-        ok = ar < tile_count[tiles, None]
-        gid = gauss_ids[(tile_start[tiles, None] + ar).clamp_max(len(gauss_ids) - 1)]
-        centre = (torch.stack([tiles % tw, tiles // tw], -1).to(dt) + 0.5) * tile_size
-        coef = _quadratic_coefs(proj.means2d[gid], proj.conics[gid], opacities[gid], centre[:, None, :])
-        coef = torch.where(ok[..., None], coef, far)
-        outputs.append(_TileComposite.apply(coef, feat[gid] * ok[..., None], basis))
+        rows = torch.where(ar < tile_count[tiles, None], tile_start[tiles, None] + ar, len(gauss_ids))
+        block = pairs.index_select(0, rows.flatten()).view(len(tiles), kmax, -1)  # [T, K, 6 + C + 2]
+        outputs.append(_TileComposite.apply(block[..., :6], block[..., 6:], basis))
         tiles_done.append(tiles)
     acc = torch.zeros(tw * th, P, C + 2, dtype=dt, device=dev)
     if outputs:
