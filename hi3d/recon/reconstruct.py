@@ -172,7 +172,8 @@ def reconstruct(orbit_dir: str | Path, out_dir: str | Path, num_interp: int, cfg
                 for stale in interp_dir.glob("gaussians.ckpt*.pt"):
                     if stale != ckpt:
                         stale.unlink()
-                interp = interpolate_views(orbit, num_interp, cfg.gaussians, checkpoint=ckpt)
+                gcfg = dataclasses.replace(cfg.gaussians, progress=cfg.gaussians.progress and progress)
+                interp = interpolate_views(orbit, num_interp, gcfg, checkpoint=ckpt)
                 save_orbit(interp, interp_dir)
                 ckpt.unlink(missing_ok=True)
                 stages.finish("interpolate", interp_fp)
