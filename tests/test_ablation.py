@@ -99,6 +99,8 @@ def test_ablation_config_errors(tmp_path):
         run("stage2=[upscale]")
     with pytest.raises(Hi3DError, match="neither a mesh file"):
         ablation.run_ablation(load_config(ablation.AblationConfig, None, [f"out={tmp_path}", "objects=[nothing]"]))
+    cfg = load_config(ablation.AblationConfig, None, [])
+    assert ablation.object_source("wuson", cfg) == ("wuson", real_object("wuson"))  # a real object by name
     with pytest.raises(Hi3DError, match="reconstructor 'nope' unknown"):
         run("reconstructor=nope")
     with pytest.raises(Hi3DError, match="views=generated needs generator="):

@@ -311,15 +311,21 @@ def ablation_cells(cfg: AblationConfig, objects: list[str]) -> list[Cell]:
 
 
 def object_source(entry: str, cfg: AblationConfig) -> tuple[str, Path]:
-    """``(name, mesh path)`` of an object entry: a mesh file, or a GSO name under ``cfg.gso_root``."""
+    """``(name, mesh path)`` of an object entry: a mesh file, a real object's name (``hi3d demo --object``,
+    e.g. bunny), or a GSO name under ``cfg.gso_root``."""
+    from hi3d.data.real_objects import REAL_OBJECTS, resolve_object
+
     path = Path(entry)
     if path.suffix and path.is_file():
         return path.stem, path
+    if entry in REAL_OBJECTS:
+        return entry, resolve_object(entry)
     if cfg.gso_root:
         mesh = gso_mesh_path(cfg.gso_root, entry)
         if mesh.is_file():
             return entry, mesh
-    raise Hi3DError(f"object '{entry}' is neither a mesh file nor <gso_root>/{entry}/meshes/model.obj")
+    raise Hi3DError(f"object '{entry}' is neither a mesh file, one of {', '.join(REAL_OBJECTS)}, nor "
+                    f"<gso_root>/{entry}/meshes/model.obj")
 
 
 def ground_truth_orbit(mesh_path: Path, cfg: AblationConfig, out_dir: Path) -> Path:
