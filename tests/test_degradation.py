@@ -6,6 +6,7 @@ import numpy as np
 import scipy.special
 import torch
 import torch.nn.functional as F
+from conftest import missing_fixture
 
 from hi3d.data import degradation as D
 from hi3d.data.orbit import Orbit, load_orbit, save_orbit
@@ -18,15 +19,14 @@ def _psnr(a, b):
     return float(-10 * torch.log10(((a - b) ** 2).mean()))
 
 
-def _object_video(frames=4, size=64, seed=0):
+def _object_video(frames=4, size=64):
     """RGB ``[1, F, 3, S, S]`` (a real texture) and a disc alpha ``[1, F, 1, S, S]`` that moves per frame."""
     from PIL import Image
 
-    try:
-        tex = np.asarray(Image.open(TEXTURE).convert("RGB").resize((size, size))).astype(np.float32) / 255
-        rgb = torch.from_numpy(tex).permute(2, 0, 1)
-    except OSError:
-        rgb = torch.rand(3, size, size, generator=torch.Generator().manual_seed(seed))
+    if not TEXTURE.is_file():
+        missing_fixture(f"real texture {TEXTURE} missing: apt-get install {REAL_OBJECTS['spider'][1]}")
+    tex = np.asarray(Image.open(TEXTURE).convert("RGB").resize((size, size))).astype(np.float32) / 255
+    rgb = torch.from_numpy(tex).permute(2, 0, 1)
     ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
     alphas = [(((xs - size / 2 - 3 * i) ** 2 + (ys - size / 2) ** 2) < (0.35 * size) ** 2).float()
               for i in range(frames)]

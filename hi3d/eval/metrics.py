@@ -390,11 +390,14 @@ def mesh_metrics(pred: trimesh.Trimesh, gt: trimesh.Trimesh, align_mode: str = "
             "precision": precision, "recall": recall}
 
 
-def view_metrics(pred: torch.Tensor, target: torch.Tensor, lpips_model: LPIPS | None = None) -> dict[str, float]:
-    """Mean PSNR, SSIM (and LPIPS with a model) of views ``[N, H, W, 3]`` in [0, 1] against targets."""
+def view_metrics(pred: torch.Tensor, target: torch.Tensor, lpips_model: LPIPS | None = None,
+                 psnr_fn=None, ssim_fn=None) -> dict[str, float]:
+    """Mean PSNR, SSIM (and LPIPS with a model) of views ``[N, H, W, 3]`` in [0, 1] against targets;
+    ``psnr_fn`` / ``ssim_fn`` (per image ``[N]``) default to this module's ``psnr`` / ``ssim``."""
     if pred.shape != target.shape:
         raise Hi3DError(f"predicted views {tuple(pred.shape)} and ground truth {tuple(target.shape)} differ in shape")
-    out = {"psnr": float(psnr(pred, target).mean()), "ssim": float(ssim(pred, target).mean())}
+    psnr_fn, ssim_fn = psnr_fn or psnr, ssim_fn or ssim
+    out = {"psnr": float(psnr_fn(pred, target).mean()), "ssim": float(ssim_fn(pred, target).mean())}
     if lpips_model is not None:
         out["lpips"] = float(lpips_model(pred, target).mean())
     return out

@@ -37,6 +37,7 @@ from scipy.spatial import cKDTree
 
 from hi3d import cameras
 from hi3d.errors import Hi3DError
+from hi3d.eval import metrics
 
 NUM_VIEWS = 16
 ELEVATION_DEG = 30.0
@@ -185,9 +186,4 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def view_metrics(pred: torch.Tensor, target: torch.Tensor, lpips_model=None) -> dict[str, float]:
     """Means over views of PSNR, SSIM (and LPIPS VGG on [-1, 1] with ``lpips_model``, a
     ``hi3d.eval.metrics.LPIPS``) of ``[N, H, W, 3]`` views on white in [0, 1]."""
-    if pred.shape != target.shape:
-        raise Hi3DError(f"predicted views {tuple(pred.shape)} and ground truth {tuple(target.shape)} differ in shape")
-    out = {"psnr": float(psnr(pred, target).mean()), "ssim": float(ssim(pred, target).mean())}
-    if lpips_model is not None:
-        out["lpips"] = float(lpips_model(pred, target).mean())
-    return out
+    return metrics.view_metrics(pred, target, lpips_model, psnr_fn=psnr, ssim_fn=ssim)
