@@ -71,6 +71,7 @@ def test_hashgrid_at_the_demo_size_and_with_levels_disabled_matches_the_referenc
     part = grid(x, levels=5)  # coarse-to-fine: levels 5.. are zero and get no gradient
     torch.testing.assert_close(part[:, :10], ref[:, :10], rtol=0, atol=1e-12)
     assert not part[:, 10:].any()
+    assert not grid(x, levels=0).any() and grid(x, levels=0).shape == ref.shape
     part.sum().backward()
     assert not grid.table.grad[int(grid.offsets[5]):].any() and grid.table.grad[:int(grid.offsets[5])].any()
 

@@ -82,6 +82,8 @@ class HashGrid(nn.Module):
         ``scripts/benchmarks/hashgrid.py``)."""
         levels = self.num_levels if levels is None else max(0, min(int(levels), self.num_levels))
         n = x.shape[0]
+        if levels == 0:
+            return x.new_zeros(n, self.output_dim)
         res = self.resolutions[:levels]
         pos = x.clamp(0.0, 1.0).T[None] * res.to(x.dtype).view(-1, 1, 1)  # [l, 3, N]
         base = pos.detach().floor().clamp(max=res.view(-1, 1, 1) - 1)
