@@ -78,7 +78,7 @@ class HashGrid(nn.Module):
         up, the features of the others are zero (coarse-to-fine training).
 
         Layout ``[corner, level, point]`` throughout and one 1-D gather per feature, so no op has a short
-        inner loop (2.1x the speed of ``[point, level, corner, feature]`` forward and backward on a CPU,
+        inner loop (2.6x the speed of ``[point, level, corner, feature]`` forward + backward on a CPU,
         ``scripts/benchmarks/hashgrid.py``)."""
         levels = self.num_levels if levels is None else max(0, min(int(levels), self.num_levels))
         n = x.shape[0]
