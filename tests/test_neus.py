@@ -72,6 +72,9 @@ def test_hashgrid_at_the_demo_size_and_with_levels_disabled_matches_the_referenc
     torch.testing.assert_close(part[:, :10], ref[:, :10], rtol=0, atol=1e-12)
     assert not part[:, 10:].any()
     assert not grid(x, levels=0).any() and grid(x, levels=0).shape == ref.shape
+    big = HashGrid(2, 2, 22, 16, 1024, init_scale=1.0, generator=g).double()  # products beyond int32: int64 rows
+    assert big.index_dtype == torch.int64 and grid.index_dtype == torch.int32
+    torch.testing.assert_close(big(x[:500]), reference_encode(big, x[:500]), rtol=0, atol=1e-12)
     part.sum().backward()
     assert not grid.table.grad[int(grid.offsets[5]):].any() and grid.table.grad[:int(grid.offsets[5])].any()
 

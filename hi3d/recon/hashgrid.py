@@ -39,6 +39,8 @@ class HashGrid(nn.Module):
         self.register_buffer("resolutions", torch.tensor(res, dtype=torch.int64), persistent=False)
         self.register_buffer("sizes", torch.tensor(sizes, dtype=torch.int64), persistent=False)
         self.register_buffer("offsets", torch.tensor(offsets[:-1], dtype=torch.int64), persistent=False)
+        # int32 corner rows unless a per-axis hash product (coordinate x masked prime) could overflow it
+        self.index_dtype = torch.int32 if (max(res) + 2) * self.table_size < 2 ** 31 else torch.int64
         self.register_buffer("dense", torch.tensor([(r + 1) ** 3 <= self.table_size for r in res]),
                              persistent=False)
         table = torch.rand(offsets[-1], features_per_level, generator=generator) * 2 - 1
@@ -55,7 +57,7 @@ class HashGrid(nn.Module):
         The point axis is innermost, so every op runs along long contiguous rows; per-axis terms are
         combined by broadcasting straight into the output. The hash keeps the low ``log2_hashmap_size``
         bits of each per-axis product before the xor (the low bits of a product depend only on the low
-        bits of its factors), so no product overflows int32."""
+        bits of its factors), so no product overflows int32 (int64 for tables and resolutions too large for that)."""
         n = base.shape[-1]
         nd = min(int(self.dense.sum()), levels)  # dense levels come first (resolution grows with the level)
         c = base[None] + torch.arange(2, dtype=base.dtype, device=base.device).view(2, 1, 1, 1)  # [2, l, 3, N]
@@ -89,7 +91,7 @@ class HashGrid(nn.Module):
         base = pos.detach().floor().clamp(max=res.view(-1, 1, 1) - 1)
         t = torch.stack([1 - (pos - base), pos - base])  # [2, l, 3, N] trilinear factors, differentiable in x
         w = (t[:, None, None, :, 2] * t[None, :, None, :, 1] * t[None, None, :, :, 0]).view(8, -1)  # [8, l*N]
-        rows = self._index(base.int(), levels).view(-1)  # [8*l*N]
+        rows = self._index(base.to(self.index_dtype), levels).view(-1)  # [8*l*N]
         # index_select, not table[idx]: the backward of advanced indexing (index_put_ with accumulate) adds
         # in a thread-dependent order on CPU, index_select's (index_add_) in a fixed one: bit-reproducible
         table = self.table.T.to(x.dtype).contiguous()  # [F, rows]
