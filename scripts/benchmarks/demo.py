@@ -5,7 +5,7 @@ time, Chamfer / IoU, and the speed-up over the baseline.
 
     .venv/bin/python scripts/benchmarks/demo.py --baseline REV [--out outputs/benchmarks] [--no-busy]
 
-The baseline is checked out with ``git worktree`` into ``OUT/demo_runs/baseline`` and run with this venv's
+The baseline is extracted with ``git archive`` (``revision.py``) into a temporary folder and run with this venv's
 Python (``PYTHONPATH`` = that tree); every demo runs in its own process without ``OMP_NUM_THREADS``, in a
 fresh output folder. Writes ``OUT/demo.json`` and ``OUT/demo.md``.
 """
@@ -21,11 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def git(*args: str, cwd: Path = ROOT) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+from revision import ROOT, describe, source_tree
 
 
 def run_demo(tree: Path, out: Path, busy: bool, obj: str) -> dict:
@@ -58,22 +54,15 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     work = out / "demo_runs"
-    base_tree = work / "baseline"
-    if base_tree.exists():
-        git("worktree", "remove", "--force", str(base_tree))
     work.mkdir(parents=True, exist_ok=True)
-    git("worktree", "add", "--detach", str(base_tree), args.baseline)
-    head = git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
-    plan = [("baseline", base_tree, False), ("current", ROOT, False)] + ([] if args.no_busy else [("current", ROOT, True)])
-    results: dict = {"object": args.object, "cpu_count": os.cpu_count(), "baseline": git("rev-parse", "--short", args.baseline),
-                     "current": head, "runs": {}}
-    try:
+    results: dict = {"object": args.object, "cpu_count": os.cpu_count(), "baseline": describe(args.baseline),
+                     "current": describe(), "runs": {}}
+    with source_tree(args.baseline) as base_tree:
+        plan = [("baseline", base_tree, False), ("current", ROOT, False)] + ([] if args.no_busy else [("current", ROOT, True)])
         for name, tree, busy in plan:
             key = f"{name}/{'beside_busy' if busy else 'idle'}"
             results["runs"][key] = run_demo(tree, work / key.replace("/", "_"), busy, args.object)
             print(key, results["runs"][key], flush=True)
-    finally:
-        git("worktree", "remove", "--force", str(base_tree))
     r = results["runs"]
     results["speedup_idle"] = round(r["baseline/idle"]["wall_s"] / r["current/idle"]["wall_s"], 2)
     if "current/beside_busy" in r:
@@ -83,7 +72,7 @@ def main() -> None:
     write_json(out / "demo.json", results)
     stages = list(r["current/idle"]["stages_s"])
     lines = [f"# Demo benchmark: hi3d demo --object {args.object} (CPU config), {os.cpu_count()} CPUs", "",
-             f"baseline {results['baseline']}, current {head}", "",
+             f"baseline {results['baseline']}, current {results['current']}", "",
              "| run | wall (s) | " + " | ".join(stages) + " | Chamfer | IoU | load avg at start |",
              "|---|---|" + "---|" * len(stages) + "---|---|---|"]
     for key, v in r.items():

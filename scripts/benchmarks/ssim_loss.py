@@ -1,6 +1,6 @@
 """Before -> after benchmark of a change to the reconstruction (run by hand), e.g. the differentiable D-SSIM
 term of the 3DGS loss: each arm is a source tree (``--before REV`` and ``--after REV``, default HEAD, are
-extracted with ``git archive``) run in its own process, one after the other, same machine, same threads.
+extracted with ``git archive``, ``revision.py``) run in its own process, one after the other, same machine, same threads.
 
 Per arm: ``scripts/benchmarks/gaussians.py --skip-raster`` of that tree (16-view bunny orbit at 256²,
 ``configs/recon/gaussians.yaml``: PSNR / SSIM of the training views and the M = 16 / 32 interpolated views
@@ -19,23 +19,10 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def extract(rev: str, dest: Path) -> Path:
-    archive = subprocess.run(["git", "archive", rev, "hi3d", "configs", "scripts"], cwd=ROOT, check=True,
-                             capture_output=True).stdout
-    with tempfile.NamedTemporaryFile(suffix=".tar") as f:
-        f.write(archive)
-        f.flush()
-        with tarfile.open(f.name) as tar:
-            tar.extractall(dest, filter="data")
-    return dest
+from revision import source_tree
 
 
 def run_arm(tree: Path, out: Path, threads: int, demo: bool) -> dict:
@@ -63,9 +50,10 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out).resolve()
     res = {"before": args.before, "after": args.after, "threads": args.threads, "load_avg_start": os.getloadavg()}
-    with tempfile.TemporaryDirectory() as tmp:
-        res["arms"] = {arm: run_arm(extract(rev, Path(tmp) / arm), out / arm, args.threads, args.demo)
-                       for arm, rev in (("before", args.before), ("after", args.after))}
+    res["arms"] = {}
+    for arm, rev in (("before", args.before), ("after", args.after)):
+        with source_tree(rev) as tree:
+            res["arms"][arm] = run_arm(tree, out / arm, args.threads, args.demo)
     res["load_avg_end"] = os.getloadavg()
     out.mkdir(parents=True, exist_ok=True)
     (out / "ssim_loss.json").write_text(json.dumps(res, indent=1))
