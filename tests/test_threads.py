@@ -42,3 +42,42 @@ def test_a_busy_process_beside_us_is_measured_and_leaves_one_thread_on_two_cores
     finally:
         busy.kill()
         busy.wait()
+
+
+_DENORMAL_PROBE = """
+import json, sys
+import torch
+from hi3d.threads import cpu_threads, flush_denormals
+
+def nonzero():  # 1e-30 * 1e-9 = 1e-39, a denormal float32; 2^22 elements split over all threads
+    return int(((torch.full((1 << 22,), 1e-30) * 1e-9) != 0).sum())
+
+torch.set_num_threads(2)
+out = {"before": nonzero()}  # the pool exists from here on
+with flush_denormals() as every:
+    out["inside"], out["every"] = nonzero(), every
+out["after"] = nonzero()
+torch.set_num_threads(1)
+with cpu_threads(3) as threads:  # the stage context; the pool grows to 3 threads inside it
+    out["stage"], out["stage_all"] = nonzero(), threads.all_threads_flush
+torch.set_num_threads(3)
+out["stage_after"] = nonzero()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="copying the FP environment to the pool: Linux")
+def test_denormals_flush_on_every_thread_inside_a_stage_and_ieee_after():
+    import json
+
+    import numpy as np
+
+    n = 1 << 22
+    assert np.float32(1e-30) * np.float32(1e-9) != 0  # IEEE: a denormal, not zero
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU has no flush-to-zero / denormals-are-zero mode")
+    out = json.loads(subprocess.run([sys.executable, "-c", _DENORMAL_PROBE], check=True, capture_output=True,
+                                    text=True).stdout)
+    assert out["before"] == n and out["after"] == n and out["stage_after"] == n  # IEEE outside, on all threads
+    assert out["inside"] == 0 and out["stage"] == 0  # flushed on every thread, not only the calling one
+    assert out["every"] and out["stage_all"]
