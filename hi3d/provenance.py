@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from hi3d.io import write_json
+from hi3d.threads import record_cpu_threads
 
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "gsplat", "open_clip_torch", "trimesh",
             "pymcubes", "omegaconf", "numpy")
@@ -123,6 +124,7 @@ class RunRecord:
     @contextlib.contextmanager
     def stage(self, name: str, device: torch.device | str | None = None) -> Iterator[dict]:
         """Time a stage; its entry (``device`` it ran on — default the record's —, ``wall_time_s``, peak memory,
+        the CPU thread counts its steps used (``cpu_threads``, see ``hi3d.threads.record_cpu_threads``),
         anything the block adds) lands in run.json. ``device`` may also name a non-torch backend (``pyrender``)."""
         where = device if device is not None else self.device
         torch_device = where if isinstance(where, torch.device) else None
@@ -132,7 +134,10 @@ class RunRecord:
             torch.cuda.reset_peak_memory_stats(torch_device)
         entry: dict[str, Any] = {} if where is None else {"device": str(where)}
         start = time.perf_counter()
-        yield entry
+        with record_cpu_threads() as threads:
+            yield entry
+        if threads:
+            entry["cpu_threads"] = threads
         entry.update(wall_time_s=round(time.perf_counter() - start, 3), **peak_memory_mb(torch_device))
         self.data["stages"][name] = entry
         self.save()

@@ -27,6 +27,7 @@ the OpenMP runtime torch loaded, Linux) and restored on exit. Elsewhere only the
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import os
 import sys
@@ -34,6 +35,22 @@ import time
 from collections.abc import Iterator
 
 import torch
+
+
+_THREAD_LOG: contextvars.ContextVar[list[dict] | None] = contextvars.ContextVar("hi3d_cpu_threads", default=None)
+
+
+@contextlib.contextmanager
+def record_cpu_threads() -> Iterator[list[dict]]:
+    """Collects one entry per thread context (``cpu_threads``) that ends inside the block: ``requested``
+    (0 = auto), ``threads`` (``[seconds since its start, count]`` changes) and ``denormals_flushed`` (on all
+    threads). Results are bit-reproducible for a given seed and thread history; ``RunRecord.stage`` writes it."""
+    log: list[dict] = []
+    token = _THREAD_LOG.set(log)
+    try:
+        yield log
+    finally:
+        _THREAD_LOG.reset(token)
 
 
 _FENV_BYTES = 512  # >= sizeof(fenv_t) on every glibc target
@@ -174,6 +191,10 @@ class CpuThreads:
     def __exit__(self, *exc) -> None:
         torch.set_num_threads(self._before)
         self._flush.__exit__(*exc)
+        log = _THREAD_LOG.get()
+        if log is not None:
+            log.append({"requested": self.requested, "threads": [list(h) for h in self.history],
+                        "denormals_flushed": self.all_threads_flush})
 
     def update(self) -> int:
         """Re-measure (auto only, at most every ``interval`` s; cheap otherwise); returns the thread count."""

@@ -14,6 +14,7 @@ from hi3d.data.orbit import Orbit, concat_orbits, load_orbit, save_orbit
 from hi3d.errors import ConfigError, Hi3DError
 from hi3d.io import atomic_path, contact_sheet, load_png, save_png
 from hi3d.provenance import RunRecord
+from hi3d.threads import cpu_threads
 
 
 @dataclasses.dataclass
@@ -117,6 +118,8 @@ def test_run_record_writes_stages_and_versions(tmp_path):
     rec = RunRecord(tmp_path, "test", config=Job(), seed=3)
     with rec.stage("one") as entry:
         entry["views"] = 2
+        with cpu_threads(2), cpu_threads(1):  # e.g. a texture bake inside the mesh stage
+            pass
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "m.safetensors").write_bytes(b"abc")
     rec.add_weights(tmp_path / "w")
@@ -125,6 +128,8 @@ def test_run_record_writes_stages_and_versions(tmp_path):
     assert data["seed"] == 3 and data["config"]["optim"]["lr"] == 1e-4
     assert data["stages"]["one"]["views"] == 2 and data["stages"]["one"]["wall_time_s"] >= 0
     assert data["stages"]["one"]["cpu_max_rss_mb"] > 0
+    used = data["stages"]["one"]["cpu_threads"]  # the inner context ends first
+    assert [(u["requested"], [n for _, n in u["threads"]]) for u in used] == [(1, [1]), (2, [2])]
     assert data["versions"]["torch"] == torch.__version__.split("+")[0] or data["versions"]["torch"]
     assert data["weights"][str(tmp_path / "w")]["m.safetensors"].startswith("ba7816bf")  # sha256("abc")
     assert data["end_time"] is not None

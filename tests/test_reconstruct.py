@@ -226,6 +226,9 @@ def test_identical_runs_write_identical_meshes(tmp_path, tiny_orbit):
     assert all(torch.equal(a[k], b[k]) for k in a)
     for f in ("mesh.ply", "mesh.obj", "interp/rgba/000.png"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    stages = json.loads((tmp_path / "a" / "run.json").read_text())["stages"]
+    for name in ("interpolate", "neus"):  # the thread counts the result depends on are recorded
+        assert [[n for _, n in u["threads"]] for u in stages[name]["cpu_threads"]] == [[2]], name
 
 
 def test_sigkill_during_neus_then_rerun_equals_uninterrupted(tmp_path, tiny_orbit):
