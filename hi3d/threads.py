@@ -36,7 +36,6 @@ from collections.abc import Iterator
 
 import torch
 
-
 _THREAD_LOG: contextvars.ContextVar[list[dict] | None] = contextvars.ContextVar("hi3d_cpu_threads", default=None)
 
 
