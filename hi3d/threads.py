@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
+import functools
 import os
 import sys
 import time
@@ -55,6 +56,7 @@ def record_cpu_threads() -> Iterator[list[dict]]:
 _FENV_BYTES = 512  # >= sizeof(fenv_t) on every glibc target
 
 
+@functools.cache
 def _openmp_runtime() -> ctypes.CDLL | None:
     """The OpenMP runtime torch's thread pool lives in (found in this process's memory map), or None."""
     if not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info():
